@@ -1,0 +1,514 @@
+//! The registry's model over a storage driver: blobs, uploads, manifests,
+//! tags and referrers, with the rules that keep repositories apart and
+//! make every change atomic.
+//!
+//! Order of writes is what makes a crash harmless: content is written and
+//! made durable first, then moved into place, then linked into the
+//! repository, and a tag is written last. A crash between any two steps
+//! leaves only unreferenced content, which garbage collection removes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use dvcr_storage::{ByteStream, StorageDriver, StorageError, StoragePath};
+use futures::{Stream, StreamExt};
+use rand::distr::{Alphanumeric, SampleString};
+
+use crate::error::{RegistryError, RegistryResult};
+use crate::layout;
+use crate::manifest::{self, ManifestSummary};
+use crate::names::{Algorithm, Digest, Hasher, Reference, RepositoryName, Tag};
+
+/// The hash of an upload's data so far, kept between requests so that
+/// finishing an upload does not read it back.
+struct UploadHash {
+    hasher: Hasher,
+    hashed_bytes: u64,
+}
+
+type UploadSlot = Arc<tokio::sync::Mutex<Option<UploadHash>>>;
+
+/// Blobs, uploads and manifests of every repository, over one driver.
+pub struct Store {
+    driver: Arc<dyn StorageDriver>,
+    uploads: Mutex<HashMap<String, UploadSlot>>,
+}
+
+/// Where a body to append to an upload must start, from `Content-Range`.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkStart(pub u64);
+
+impl Store {
+    /// A store over `driver`.
+    pub fn new(driver: Arc<dyn StorageDriver>) -> Self {
+        Store {
+            driver,
+            uploads: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The driver underneath.
+    pub fn driver(&self) -> &Arc<dyn StorageDriver> {
+        &self.driver
+    }
+
+    async fn read_link(&self, path: &StoragePath) -> RegistryResult<Option<Digest>> {
+        match self.driver.get_content(path).await {
+            Ok(content) => Ok(std::str::from_utf8(&content)
+                .ok()
+                .and_then(|text| text.trim().parse().ok())),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn write_link(&self, path: &StoragePath, digest: &Digest) -> RegistryResult<()> {
+        Ok(self.driver.put_content(path, Bytes::from(digest.to_string())).await?)
+    }
+
+    async fn size_of(&self, path: &StoragePath) -> RegistryResult<Option<u64>> {
+        match self.driver.stat(path).await {
+            Ok(info) => Ok(Some(info.size)),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The size of a blob if it is visible in repository `name`.
+    pub async fn blob_size(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<Option<u64>> {
+        if self.read_link(&layout::layer_link(name, digest)?).await?.as_ref() != Some(digest) {
+            return Ok(None);
+        }
+        self.size_of(&layout::blob_data(digest)?).await
+    }
+
+    /// Streams part of a blob; the caller checked that it is visible.
+    pub async fn read_blob(&self, digest: &Digest, offset: u64, length: u64) -> RegistryResult<ByteStream> {
+        Ok(self.driver.read(&layout::blob_data(digest)?, offset, Some(length)).await?)
+    }
+
+    /// Makes a stored blob visible in `name`.
+    pub async fn link_blob(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<()> {
+        self.write_link(&layout::layer_link(name, digest)?, digest).await
+    }
+
+    /// Mounts a blob from repository `from` into `name`, when `from` has it.
+    pub async fn mount_blob(
+        &self,
+        name: &RepositoryName,
+        from: &RepositoryName,
+        digest: &Digest,
+    ) -> RegistryResult<bool> {
+        if self.blob_size(from, digest).await?.is_none() {
+            return Ok(false);
+        }
+        self.link_blob(name, digest).await?;
+        Ok(true)
+    }
+
+    /// Hides a blob from `name`; the content stays until garbage collection.
+    pub async fn unlink_blob(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<bool> {
+        let link = layout::layer_link(name, digest)?;
+        if self.read_link(&link).await?.is_none() {
+            return Ok(false);
+        }
+        let folder = link.parent().ok_or_else(|| StorageError::NotFound(link.to_string()))?;
+        self.driver.delete(&folder).await?;
+        Ok(true)
+    }
+
+    // ----- uploads -----
+
+    fn upload_slot(&self, name: &RepositoryName, id: &str) -> UploadSlot {
+        let key = format!("{name}/{id}");
+        let mut uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        uploads.entry(key).or_default().clone()
+    }
+
+    fn forget_upload(&self, name: &RepositoryName, id: &str) {
+        let key = format!("{name}/{id}");
+        let mut uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        uploads.remove(&key);
+    }
+
+    /// Starts an upload and returns its id. `algorithm` is the hash to keep
+    /// while data arrives (the one the final digest will most likely use).
+    pub async fn start_upload(&self, name: &RepositoryName, algorithm: Algorithm) -> RegistryResult<String> {
+        let id = Alphanumeric.sample_string(&mut rand::rng(), 32).to_ascii_lowercase();
+        let started_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_secs())
+            .unwrap_or(0);
+        self.driver
+            .put_content(&layout::upload_started_at(name, &id)?, Bytes::from(started_at.to_string()))
+            .await?;
+        let writer = self.driver.writer(&layout::upload_data(name, &id)?, false).await?;
+        writer.close().await?;
+        *self.upload_slot(name, &id).lock().await = Some(UploadHash {
+            hasher: algorithm.hasher(),
+            hashed_bytes: 0,
+        });
+        Ok(id)
+    }
+
+    /// Bytes received so far by an upload.
+    pub async fn upload_size(&self, name: &RepositoryName, id: &str) -> RegistryResult<u64> {
+        if !is_upload_id(id) {
+            return Err(RegistryError::upload_unknown(id));
+        }
+        match self.size_of(&layout::upload_data(name, id)?).await? {
+            Some(size) => Ok(size),
+            None => Err(RegistryError::upload_unknown(id)),
+        }
+    }
+
+    /// Appends a body to an upload and returns the upload's new size. With
+    /// `start`, the body must begin exactly where the upload ends (416 with
+    /// the current `Range` otherwise).
+    pub async fn append_upload<S, E>(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+        start: Option<ChunkStart>,
+        body: S,
+    ) -> RegistryResult<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        self.upload_size(name, id).await?;
+        let slot = self.upload_slot(name, id);
+        let mut hash = slot.try_lock().map_err(|_| {
+            RegistryError::new(
+                http::StatusCode::CONFLICT,
+                crate::error::ErrorCode::BlobUploadInvalid,
+                format!("upload {id} is busy with another request: send its chunks one after another"),
+            )
+        })?;
+        self.append_locked(name, id, start, body, &mut hash, false).await
+    }
+
+    async fn append_locked<S, E>(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+        start: Option<ChunkStart>,
+        mut body: S,
+        hash: &mut Option<UploadHash>,
+        durable: bool,
+    ) -> RegistryResult<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut writer = self.driver.writer(&layout::upload_data(name, id)?, true).await?;
+        let current = writer.size();
+        if let Some(ChunkStart(offset)) = start {
+            if offset != current {
+                writer.close().await?;
+                return Err(out_of_order(name, id, offset, current));
+            }
+        }
+        if hash.as_ref().is_some_and(|state| state.hashed_bytes != current) {
+            *hash = None;
+        }
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(error) => {
+                    // Keep what arrived: the client can resume from it.
+                    let kept = writer.close().await;
+                    if kept.is_err() {
+                        *hash = None;
+                    }
+                    return Err(RegistryError::upload_invalid(format!(
+                        "upload body ended early after {} bytes: {error}",
+                        kept.unwrap_or(current)
+                    )));
+                }
+            };
+            if let Some(state) = hash.as_mut() {
+                state.hasher.update(&chunk);
+                state.hashed_bytes += chunk.len() as u64;
+            }
+            if let Err(error) = writer.write(chunk).await {
+                *hash = None;
+                return Err(error.into());
+            }
+        }
+        let finished = if durable { writer.commit().await } else { writer.close().await };
+        match finished {
+            Ok(size) => Ok(size),
+            Err(error) => {
+                *hash = None;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Appends the final body, checks the digest and moves the data into the
+    /// blob store, linked into `name`. On a digest mismatch the upload is
+    /// removed and nothing is stored.
+    pub async fn finish_upload<S, E>(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+        digest: &Digest,
+        start: Option<ChunkStart>,
+        body: S,
+    ) -> RegistryResult<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        self.upload_size(name, id).await?;
+        let slot = self.upload_slot(name, id);
+        let mut hash = slot.try_lock().map_err(|_| {
+            RegistryError::new(
+                http::StatusCode::CONFLICT,
+                crate::error::ErrorCode::BlobUploadInvalid,
+                format!("upload {id} is busy with another request"),
+            )
+        })?;
+        let size = self.append_locked(name, id, start, body, &mut hash, true).await?;
+        let data = layout::upload_data(name, id)?;
+        let actual = match hash.take() {
+            Some(state) if state.hashed_bytes == size && state.hasher.algorithm() == digest.algorithm() => {
+                state.hasher.finish()
+            }
+            _ => self.hash_file(&data, digest.algorithm()).await?,
+        };
+        if &actual != digest {
+            drop(hash);
+            self.cancel_upload(name, id).await?;
+            return Err(RegistryError::digest_invalid(format!(
+                "the uploaded content has digest {actual}, not {digest}: nothing was stored; upload it again"
+            )));
+        }
+        self.driver.move_file(&data, &layout::blob_data(digest)?).await?;
+        self.link_blob(name, digest).await?;
+        drop(hash);
+        self.driver.delete(&layout::upload(name, id)?).await?;
+        self.forget_upload(name, id);
+        Ok(size)
+    }
+
+    async fn hash_file(&self, path: &StoragePath, algorithm: Algorithm) -> RegistryResult<Digest> {
+        let mut hasher = algorithm.hasher();
+        let mut content = self.driver.read(path, 0, None).await?;
+        while let Some(chunk) = content.next().await {
+            hasher.update(&chunk?);
+        }
+        Ok(hasher.finish())
+    }
+
+    /// Removes an upload and what it received.
+    pub async fn cancel_upload(&self, name: &RepositoryName, id: &str) -> RegistryResult<()> {
+        self.upload_size(name, id).await?;
+        self.driver.delete(&layout::upload(name, id)?).await?;
+        self.forget_upload(name, id);
+        Ok(())
+    }
+
+    // ----- manifests and tags -----
+
+    /// The digest a reference names in `name`, if the repository has it.
+    pub async fn resolve(&self, name: &RepositoryName, reference: &Reference) -> RegistryResult<Option<Digest>> {
+        let digest = match reference {
+            Reference::Digest(digest) => digest.clone(),
+            Reference::Tag(tag) => match self.read_link(&layout::tag_current_link(name, tag)?).await? {
+                Some(digest) => digest,
+                None => return Ok(None),
+            },
+        };
+        match self.read_link(&layout::revision_link(name, &digest)?).await? {
+            Some(linked) if linked == digest => Ok(Some(digest)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The bytes of a manifest known to be in a repository.
+    pub async fn manifest_content(&self, digest: &Digest) -> RegistryResult<Option<Bytes>> {
+        match self.driver.get_content(&layout::blob_data(digest)?).await {
+            Ok(content) => Ok(Some(content)),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Stores a checked manifest: content, revision link, referrer link,
+    /// then the tag, in that order.
+    pub async fn put_manifest(
+        &self,
+        name: &RepositoryName,
+        tags: &[Tag],
+        digest: &Digest,
+        summary: &ManifestSummary,
+        content: Bytes,
+    ) -> RegistryResult<()> {
+        for blob in &summary.blobs {
+            if self.blob_size(name, blob).await?.is_none() {
+                return Err(RegistryError::new(
+                    http::StatusCode::BAD_REQUEST,
+                    crate::error::ErrorCode::ManifestBlobUnknown,
+                    format!("manifest refers to blob {blob}, which is not in repository {name}: push it first"),
+                ));
+            }
+        }
+        for child in &summary.manifests {
+            if self.resolve(name, &Reference::Digest(child.clone())).await?.is_none() {
+                return Err(RegistryError::new(
+                    http::StatusCode::BAD_REQUEST,
+                    crate::error::ErrorCode::ManifestBlobUnknown,
+                    format!("index refers to manifest {child}, which is not in repository {name}: push it first"),
+                ));
+            }
+        }
+        let data = layout::blob_data(digest)?;
+        if self.size_of(&data).await? != Some(content.len() as u64) {
+            self.driver.put_content(&data, content).await?;
+        }
+        self.write_link(&layout::revision_link(name, digest)?, digest).await?;
+        if let Some(subject) = &summary.subject {
+            self.write_link(&layout::referrer_link(name, subject, digest)?, digest).await?;
+        }
+        for tag in tags {
+            self.write_link(&layout::tag_index_link(name, tag, digest)?, digest).await?;
+            self.write_link(&layout::tag_current_link(name, tag)?, digest).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a manifest from a repository, with every tag pointing to it.
+    pub async fn delete_manifest(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<bool> {
+        if self.resolve(name, &Reference::Digest(digest.clone())).await?.is_none() {
+            return Ok(false);
+        }
+        for tag in self.tags(name).await? {
+            let Ok(tag) = Tag::parse(&tag) else { continue };
+            if self.read_link(&layout::tag_current_link(name, &tag)?).await?.as_ref() == Some(digest) {
+                self.driver.delete(&layout::tag(name, &tag)?).await?;
+            }
+        }
+        if let Some(content) = self.manifest_content(digest).await? {
+            if let Ok(ManifestSummary { subject: Some(subject), .. }) =
+                manifest::parse(None, &content)
+            {
+                let link = layout::referrer_link(name, &subject, digest)?;
+                if let Some(folder) = link.parent() {
+                    self.driver.delete(&folder).await?;
+                }
+            }
+        }
+        let link = layout::revision_link(name, digest)?;
+        if let Some(folder) = link.parent() {
+            self.driver.delete(&folder).await?;
+        }
+        Ok(true)
+    }
+
+    /// Removes a tag, leaving the manifest it named.
+    pub async fn delete_tag(&self, name: &RepositoryName, tag: &Tag) -> RegistryResult<bool> {
+        if self.read_link(&layout::tag_current_link(name, tag)?).await?.is_none() {
+            return Ok(false);
+        }
+        self.driver.delete(&layout::tag(name, tag)?).await?;
+        Ok(true)
+    }
+
+    /// Whether anything was ever pushed to `name`.
+    pub async fn repository_exists(&self, name: &RepositoryName) -> RegistryResult<bool> {
+        Ok(self.size_of(&layout::repository(name)?).await?.is_some())
+    }
+
+    /// The tags of a repository, sorted; a tag whose link is gone is left out.
+    pub async fn tags(&self, name: &RepositoryName) -> RegistryResult<Vec<String>> {
+        match self.driver.list(&layout::tags(name)?).await {
+            Ok(names) => {
+                let mut tags = Vec::with_capacity(names.len());
+                for tag in names {
+                    let Ok(parsed) = Tag::parse(&tag) else { continue };
+                    if self.driver.stat(&layout::tag_current_link(name, &parsed)?).await.is_ok() {
+                        tags.push(tag);
+                    }
+                }
+                Ok(tags)
+            }
+            Err(error) if error.is_not_found() => Ok(Vec::new()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Every repository name, sorted.
+    pub async fn catalog(&self) -> RegistryResult<Vec<String>> {
+        let mut found = Vec::new();
+        let mut pending = vec![String::new()];
+        let root = layout::repositories()?;
+        while let Some(prefix) = pending.pop() {
+            let folder = if prefix.is_empty() { root.clone() } else { root.join(&prefix)? };
+            let children = match self.driver.list(&folder).await {
+                Ok(children) => children,
+                Err(error) if error.is_not_found() => continue,
+                Err(error) => return Err(error.into()),
+            };
+            if children.iter().any(|child| child == "_manifests" || child == "_layers") && !prefix.is_empty() {
+                found.push(prefix.clone());
+            }
+            for child in children.into_iter().filter(|child| !child.starts_with('_')) {
+                pending.push(if prefix.is_empty() { child } else { format!("{prefix}/{child}") });
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// The manifests in `name` whose subject is `subject`, with their
+    /// summaries and sizes.
+    pub async fn referrers(
+        &self,
+        name: &RepositoryName,
+        subject: &Digest,
+    ) -> RegistryResult<Vec<(Digest, u64, ManifestSummary)>> {
+        let folder = layout::referrers(name, subject)?;
+        let mut found = Vec::new();
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            let listed = match self.driver.list(&folder.join(algorithm.name())?).await {
+                Ok(listed) => listed,
+                Err(error) if error.is_not_found() => continue,
+                Err(error) => return Err(error.into()),
+            };
+            for hex in listed {
+                let Ok(digest) = format!("{}:{hex}", algorithm.name()).parse::<Digest>() else { continue };
+                if self.resolve(name, &Reference::Digest(digest.clone())).await?.is_none() {
+                    continue;
+                }
+                let Some(content) = self.manifest_content(&digest).await? else { continue };
+                if let Ok(summary) = manifest::parse(None, &content) {
+                    found.push((digest, content.len() as u64, summary));
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Upload ids are 32 lowercase alphanumerics; anything else is unknown
+/// before it reaches storage.
+fn is_upload_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit())
+}
+
+fn out_of_order(name: &RepositoryName, id: &str, offset: u64, current: u64) -> RegistryError {
+    let error = RegistryError::new(
+        http::StatusCode::RANGE_NOT_SATISFIABLE,
+        crate::error::ErrorCode::BlobUploadInvalid,
+        format!("chunk starts at byte {offset} but the upload has {current} bytes: send the chunk starting at {current}"),
+    )
+    .with_header("Location", format!("/v2/{name}/blobs/uploads/{id}"));
+    if current == 0 {
+        error.with_header("Range", "0-0".to_string())
+    } else {
+        error.with_header("Range", format!("0-{}", current - 1))
+    }
+}

@@ -1,0 +1,462 @@
+//! The filesystem driver: a local folder, such as a PersistentVolumeClaim.
+//!
+//! Large reads and writes run on threads of their own so that disk I/O
+//! overlaps with hashing and with the network: a writer thread takes chunks
+//! from a bounded channel (memory stays bounded whatever the file size) and
+//! asks the kernel to start writeback as it goes, so that the final fsync
+//! finds little left to flush.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{ByteStream, FileInfo, FileWriter, Result, StorageDriver, StorageError, StoragePath};
+
+/// Size of the chunks a read streams.
+const READ_CHUNK: usize = 1 << 20;
+/// Chunks a reader may have in flight ahead of the consumer.
+const READ_AHEAD_CHUNKS: usize = 4;
+/// Chunks a writer may have queued behind the disk.
+const WRITE_QUEUE_CHUNKS: usize = 32;
+/// How much a writer writes before it asks the kernel to start writeback.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+/// Prefix of temporary files; they are never listed.
+const TEMP_PREFIX: &str = ".dvcr-tmp-";
+
+/// Stores everything under one local directory.
+#[derive(Debug, Clone)]
+pub struct FilesystemDriver {
+    root: PathBuf,
+}
+
+impl FilesystemDriver {
+    /// A driver rooted at `root`, which is created when missing.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root)
+            .map_err(|error| StorageError::from_io(&root.display().to_string(), error))?;
+        Ok(FilesystemDriver { root })
+    }
+
+    /// The directory this driver stores into.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn full_path(&self, path: &StoragePath) -> PathBuf {
+        if path.is_root() {
+            self.root.clone()
+        } else {
+            self.root.join(path.as_str())
+        }
+    }
+}
+
+async fn blocking<T, F>(path: &StoragePath, work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+{
+    let name = path.to_string();
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|error| StorageError::from_io(&name, error)),
+        Err(join_error) => Err(StorageError::Io {
+            path: name,
+            source: io::Error::other(join_error.to_string()),
+        }),
+    }
+}
+
+fn sync_directory(directory: &Path) -> io::Result<()> {
+    File::open(directory)?.sync_all()
+}
+
+fn create_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(parent) => fs::create_dir_all(parent),
+        None => Ok(()),
+    }
+}
+
+fn temp_sibling(path: &Path) -> PathBuf {
+    let suffix: u64 = rand::random();
+    let name = format!("{TEMP_PREFIX}{suffix:016x}");
+    match path.parent() {
+        Some(parent) => parent.join(name),
+        None => PathBuf::from(name),
+    }
+}
+
+fn is_temporary(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
+#[async_trait]
+impl StorageDriver for FilesystemDriver {
+    fn name(&self) -> &'static str {
+        "filesystem"
+    }
+
+    async fn get_content(&self, path: &StoragePath) -> Result<Bytes> {
+        let full = self.full_path(path);
+        blocking(path, move || fs::read(full).map(Bytes::from)).await
+    }
+
+    async fn put_content(&self, path: &StoragePath, content: Bytes) -> Result<()> {
+        let full = self.full_path(path);
+        blocking(path, move || {
+            create_parent(&full)?;
+            let temp = temp_sibling(&full);
+            let written = (|| {
+                let mut file = File::create(&temp)?;
+                file.write_all(&content)?;
+                file.sync_all()?;
+                fs::rename(&temp, &full)
+            })();
+            if written.is_err() {
+                let _ = fs::remove_file(&temp);
+            }
+            written?;
+            match full.parent() {
+                Some(parent) => sync_directory(parent),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        path: &StoragePath,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<ByteStream> {
+        let full = self.full_path(path);
+        let (mut file, size) = blocking(path, move || {
+            let file = File::open(&full)?;
+            let size = file.metadata()?.len();
+            Ok((file, size))
+        })
+        .await?;
+        if offset > size {
+            return Err(StorageError::InvalidOffset {
+                path: path.to_string(),
+                offset,
+                size,
+            });
+        }
+        let mut remaining = match length {
+            Some(length) => length.min(size - offset),
+            None => size - offset,
+        };
+        let (sender, receiver) = mpsc::channel::<Result<Bytes>>(READ_AHEAD_CHUNKS);
+        let name = path.to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = file.seek(SeekFrom::Start(offset)) {
+                let _ = sender.blocking_send(Err(StorageError::from_io(&name, error)));
+                return;
+            }
+            while remaining > 0 {
+                let want = remaining.min(READ_CHUNK as u64) as usize;
+                let mut buffer = BytesMut::zeroed(want);
+                let chunk = match file.read(&mut buffer) {
+                    Ok(0) => Err(StorageError::Io {
+                        path: name.clone(),
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "file shrank while it was read",
+                        ),
+                    }),
+                    Ok(read) => {
+                        buffer.truncate(read);
+                        remaining -= read as u64;
+                        Ok(buffer.freeze())
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(error) => Err(StorageError::from_io(&name, error)),
+                };
+                let failed = chunk.is_err();
+                if sender.blocking_send(chunk).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|chunk| (chunk, receiver))
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn writer(&self, path: &StoragePath, append: bool) -> Result<Box<dyn FileWriter>> {
+        let full = self.full_path(path);
+        let file = blocking(path, move || {
+            create_parent(&full)?;
+            let mut options = OpenOptions::new();
+            options.write(true).create(true);
+            if append {
+                options.append(true);
+            } else {
+                options.truncate(true);
+            }
+            let file = options.open(&full)?;
+            let size = file.metadata()?.len();
+            Ok((file, size))
+        })
+        .await?;
+        Ok(Box::new(FilesystemWriter::start(path.to_string(), file.0, file.1)))
+    }
+
+    async fn stat(&self, path: &StoragePath) -> Result<FileInfo> {
+        let full = self.full_path(path);
+        let info_path = path.clone();
+        blocking(path, move || {
+            let metadata = fs::metadata(full)?;
+            Ok(FileInfo {
+                path: info_path,
+                size: if metadata.is_dir() { 0 } else { metadata.len() },
+                modified: metadata.modified()?,
+                is_dir: metadata.is_dir(),
+            })
+        })
+        .await
+    }
+
+    async fn list(&self, path: &StoragePath) -> Result<Vec<String>> {
+        let full = self.full_path(path);
+        blocking(path, move || {
+            let mut names = Vec::new();
+            for entry in fs::read_dir(full)? {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                if !is_temporary(&name) {
+                    names.push(name);
+                }
+            }
+            names.sort();
+            Ok(names)
+        })
+        .await
+    }
+
+    async fn move_file(&self, from: &StoragePath, to: &StoragePath) -> Result<()> {
+        let source = self.full_path(from);
+        let target = self.full_path(to);
+        blocking(from, move || {
+            create_parent(&target)?;
+            fs::rename(&source, &target)?;
+            match target.parent() {
+                Some(parent) => sync_directory(parent),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn delete(&self, path: &StoragePath) -> Result<()> {
+        let full = self.full_path(path);
+        blocking(path, move || {
+            let removed = match fs::symlink_metadata(&full) {
+                Ok(metadata) if metadata.is_dir() => fs::remove_dir_all(&full),
+                Ok(_) => fs::remove_file(&full),
+                Err(error) => Err(error),
+            };
+            match removed {
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        })
+        .await
+    }
+
+    async fn walk(&self, path: &StoragePath) -> Result<Vec<FileInfo>> {
+        let full = self.full_path(path);
+        let base = path.clone();
+        blocking(path, move || {
+            let mut files = Vec::new();
+            walk_directory(&full, &base, &mut files)?;
+            files.sort_by(|left, right| left.path.cmp(&right.path));
+            Ok(files)
+        })
+        .await
+    }
+}
+
+fn walk_directory(directory: &Path, base: &StoragePath, files: &mut Vec<FileInfo>) -> io::Result<()> {
+    for entry in fs::read_dir(directory)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_temporary(&name) {
+            continue;
+        }
+        let child = base
+            .join(&name)
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
+        let metadata = entry.metadata()?;
+        if metadata.is_dir() {
+            walk_directory(&entry.path(), &child, files)?;
+        } else {
+            files.push(FileInfo {
+                path: child,
+                size: metadata.len(),
+                modified: metadata.modified()?,
+                is_dir: false,
+            });
+        }
+    }
+    Ok(())
+}
+
+enum WriterCommand {
+    Data(Bytes),
+    Finish { durable: bool },
+}
+
+/// A writer whose disk writes run on a thread of their own.
+struct FilesystemWriter {
+    path: String,
+    commands: mpsc::Sender<WriterCommand>,
+    outcome: oneshot::Receiver<io::Result<u64>>,
+    size: u64,
+}
+
+impl FilesystemWriter {
+    fn start(path: String, file: File, size: u64) -> Self {
+        let (commands, receiver) = mpsc::channel(WRITE_QUEUE_CHUNKS);
+        let (report, outcome) = oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let _ = report.send(run_writer(file, size, receiver));
+        });
+        FilesystemWriter {
+            path,
+            commands,
+            outcome,
+            size,
+        }
+    }
+
+    async fn finish(self, durable: bool) -> Result<u64> {
+        let FilesystemWriter {
+            path,
+            commands,
+            outcome,
+            ..
+        } = self;
+        // A failed send means the thread already stopped on an error, which
+        // the outcome carries.
+        let _ = commands.send(WriterCommand::Finish { durable }).await;
+        drop(commands);
+        match outcome.await {
+            Ok(result) => result.map_err(|error| StorageError::from_io(&path, error)),
+            Err(_) => Err(StorageError::Io {
+                path,
+                source: io::Error::other("writer thread ended without a result"),
+            }),
+        }
+    }
+}
+
+fn run_writer(
+    mut file: File,
+    mut size: u64,
+    mut commands: mpsc::Receiver<WriterCommand>,
+) -> io::Result<u64> {
+    let mut writeback_start = size;
+    while let Some(command) = commands.blocking_recv() {
+        match command {
+            WriterCommand::Data(chunk) => {
+                file.write_all(&chunk)?;
+                size += chunk.len() as u64;
+                if size - writeback_start >= WRITEBACK_WINDOW {
+                    start_writeback(&file, writeback_start, size - writeback_start);
+                    writeback_start = size;
+                }
+            }
+            WriterCommand::Finish { durable } => {
+                if durable {
+                    file.sync_data()?;
+                }
+                return Ok(size);
+            }
+        }
+    }
+    Ok(size)
+}
+
+/// Asks the kernel to start writing a range back to disk without waiting,
+/// so the fsync at commit has little left to do. Only a hint: errors surface
+/// at that fsync.
+fn start_writeback(file: &File, offset: u64, length: u64) {
+    // SAFETY: sync_file_range only reads its integer arguments; the file
+    // descriptor is valid for the lifetime of `file`.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            length as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[async_trait]
+impl FileWriter for FilesystemWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        let length = data.len() as u64;
+        if self.commands.send(WriterCommand::Data(data)).await.is_err() {
+            // The thread stopped on an error; collect it.
+            let (_, placeholder) = oneshot::channel();
+            let outcome = std::mem::replace(&mut self.outcome, placeholder);
+            return Err(match outcome.await {
+                Ok(Err(error)) => StorageError::from_io(&self.path, error),
+                _ => StorageError::Io {
+                    path: self.path.clone(),
+                    source: io::Error::other("writer thread stopped"),
+                },
+            });
+        }
+        self.size += length;
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn close(self: Box<Self>) -> Result<u64> {
+        self.finish(false).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<u64> {
+        self.finish(true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        let directory = tempfile::tempdir().unwrap();
+        let driver = FilesystemDriver::new(directory.path()).unwrap();
+        crate::conformance::run(&driver).await;
+    }
+
+    #[tokio::test]
+    async fn put_content_leaves_no_temporary_files() {
+        let directory = tempfile::tempdir().unwrap();
+        let driver = FilesystemDriver::new(directory.path()).unwrap();
+        let path = StoragePath::new("a/b").unwrap();
+        driver.put_content(&path, Bytes::from_static(b"one")).await.unwrap();
+        driver.put_content(&path, Bytes::from_static(b"two")).await.unwrap();
+        let names: Vec<_> = fs::read_dir(directory.path().join("a"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["b"]);
+    }
+}
