@@ -12,7 +12,6 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use oci_spec::image::{DescriptorBuilder, ImageIndexBuilder, MediaType};
 
 use crate::error::{ErrorCode, RegistryError, RegistryResult};
@@ -383,6 +382,7 @@ async fn start_upload(store: &Store, name: &RepositoryName, request: Request) ->
         if let Some(from) = query.first("from") {
             let from = RepositoryName::parse(from)?;
             if store.mount_blob(name, &from, &digest).await? {
+                tracing::info!(repository = %name, from = %from, %digest, "blob mounted");
                 return Ok(blob_created(name, &digest));
             }
         }
@@ -464,6 +464,10 @@ fn describe(reference: &Reference) -> String {
     }
 }
 
+/// How much of a refused manifest body is read and dropped, so that the
+/// client gets the 413 instead of a broken pipe.
+const MANIFEST_DRAIN_LIMIT: u64 = 64 << 20;
+
 async fn read_manifest_body(request: Request) -> RegistryResult<Bytes> {
     let too_large = || {
         RegistryError::new(
@@ -473,15 +477,26 @@ async fn read_manifest_body(request: Request) -> RegistryResult<Bytes> {
         )
     };
     let declared = header_str(request.headers(), header::CONTENT_LENGTH).and_then(|text| text.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > MAX_MANIFEST_BYTES as u64) {
+    if declared.is_some_and(|length| length > MANIFEST_DRAIN_LIMIT) {
         return Err(too_large());
     }
-    let limited = Limited::new(request.into_body(), MAX_MANIFEST_BYTES);
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(RegistryError::manifest_invalid(format!("manifest body could not be read: {error}"))),
+    let mut body = request.into_body().into_data_stream();
+    let mut content = bytes::BytesMut::new();
+    let mut received: u64 = 0;
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        let chunk = chunk.map_err(|error| RegistryError::manifest_invalid(format!("manifest body could not be read: {error}")))?;
+        received += chunk.len() as u64;
+        if received > MANIFEST_DRAIN_LIMIT {
+            break;
+        }
+        if received <= MAX_MANIFEST_BYTES as u64 {
+            content.extend_from_slice(&chunk);
+        }
     }
+    if received > MAX_MANIFEST_BYTES as u64 {
+        return Err(too_large());
+    }
+    Ok(content.freeze())
 }
 
 async fn put_manifest(store: &Store, name: &RepositoryName, reference: &str, request: Request) -> RegistryResult<Response> {

@@ -1,0 +1,781 @@
+//! HTTP-level tests of the OCI Distribution API against the real `dvcr serve`.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::image::{self, pseudo_random};
+use common::{push_image, sha256_digest, Server};
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha512};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+fn setup() -> (tempfile::TempDir, Server, Client) {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&directory.path().join("data"));
+    (directory, server, Client::new())
+}
+
+fn header(response: &Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Checks an error answer: status, spec JSON body and code.
+async fn expect_error(response: Response, status: StatusCode, code: &str) -> String {
+    assert_eq!(response.status(), status, "wrong status for expected {code}");
+    let body: Value = response.json().await.expect("error body is JSON");
+    let first = &body["errors"][0];
+    assert_eq!(first["code"], code, "body: {body}");
+    let message = first["message"].as_str().expect("message").to_string();
+    assert!(!message.is_empty());
+    message
+}
+
+async fn push_blob(client: &Client, server: &Server, repository: &str, data: &[u8]) -> String {
+    let digest = sha256_digest(data);
+    let response = client
+        .post(server.url(&format!("/v2/{repository}/blobs/uploads/?digest={digest}")))
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    digest
+}
+
+/// Every blob file in the store, as (digest text, content digest).
+fn stored_blob_files(server: &Server) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let root = server.storage.join("docker/registry/v2/blobs/sha256");
+    let Ok(prefixes) = std::fs::read_dir(&root) else { return found };
+    for prefix in prefixes.flatten() {
+        for blob in std::fs::read_dir(prefix.path()).unwrap().flatten() {
+            let data = std::fs::read(blob.path().join("data")).unwrap();
+            found.push((format!("sha256:{}", blob.file_name().to_string_lossy()), sha256_digest(&data)));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn base_endpoint_answers_with_api_version() {
+    let (_directory, server, client) = setup();
+    for request in [client.get(server.url("/v2/")), client.head(server.url("/v2/"))] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "Docker-Distribution-API-Version"), "registry/2.0");
+    }
+    let response = client.get(server.url("/nothing")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn monolithic_blob_push_head_get_and_ranges() {
+    let (_directory, server, client) = setup();
+    let data = pseudo_random(1_000_003, 1);
+    let digest = sha256_digest(&data);
+    let response = client
+        .post(server.url(&format!("/v2/vi/ns/img/blobs/uploads/?digest={digest}")))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "Location"), format!("/v2/vi/ns/img/blobs/{digest}"));
+    assert_eq!(header(&response, "Docker-Content-Digest"), digest);
+
+    let blob_url = server.url(&format!("/v2/vi/ns/img/blobs/{digest}"));
+    let response = client.head(&blob_url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "Content-Length"), data.len().to_string());
+    assert_eq!(header(&response, "Docker-Content-Digest"), digest);
+    let response = client.get(&blob_url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap(), data);
+
+    let ranges = [
+        ("bytes=0-9", 0, 10),
+        ("bytes=1000000-", 1_000_000, 3),
+        ("bytes=-5", data.len() - 5, 5),
+        ("bytes=999990-2000000", 999_990, 13),
+    ];
+    for (range, start, length) in ranges {
+        let response = client.get(&blob_url).header("Range", range).send().await.unwrap();
+        assert_eq!(response.status(), 206, "{range}");
+        assert_eq!(
+            header(&response, "Content-Range"),
+            format!("bytes {start}-{}/{}", start + length - 1, data.len())
+        );
+        assert_eq!(response.bytes().await.unwrap(), &data[start..start + length], "{range}");
+    }
+    for unsatisfiable in ["bytes=1000003-", "bytes=5000000-5000010"] {
+        let response = client.get(&blob_url).header("Range", unsatisfiable).send().await.unwrap();
+        assert_eq!(response.status(), 416, "{unsatisfiable}");
+        assert_eq!(header(&response, "Content-Range"), format!("bytes */{}", data.len()));
+    }
+
+    // Another repository never had it: HEAD and GET are 404 BLOB_UNKNOWN.
+    let other = server.url(&format!("/v2/vi/ns/other/blobs/{digest}"));
+    let response = client.head(&other).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    expect_error(client.get(&other).send().await.unwrap(), StatusCode::NOT_FOUND, "BLOB_UNKNOWN").await;
+}
+
+#[tokio::test]
+async fn digest_mismatch_is_refused_and_stores_nothing() {
+    let (_directory, server, client) = setup();
+    let data = pseudo_random(200_000, 2);
+    let wrong = sha256_digest(b"something else");
+    let response = client
+        .post(server.url(&format!("/v2/a/blobs/uploads/?digest={wrong}")))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
+    for digest in [&wrong, &sha256_digest(&data)] {
+        let response = client.head(server.url(&format!("/v2/a/blobs/{digest}"))).send().await.unwrap();
+        assert_eq!(response.status(), 404);
+    }
+    assert!(stored_blob_files(&server).is_empty(), "a blob file was stored");
+
+    // The same through a chunked upload: the upload is gone afterwards.
+    let response = client.post(server.url("/v2/a/blobs/uploads/")).send().await.unwrap();
+    let location = header(&response, "Location");
+    let response = client
+        .put(server.url(&format!("{location}?digest={wrong}")))
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
+    let response = client.get(server.url(&location)).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
+    assert!(stored_blob_files(&server).is_empty());
+
+    // Malformed and unsupported digests.
+    for bad in ["sha256:xyz", "md5:d41d8cd98f00b204e9800998ecf8427e", "nocolon"] {
+        let response = client
+            .post(server.url(&format!("/v2/a/blobs/uploads/?digest={bad}")))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
+    }
+}
+
+#[tokio::test]
+async fn chunked_upload_with_status_out_of_order_and_finish() {
+    let (_directory, server, client) = setup();
+    let data = pseudo_random(3_000_000, 3);
+    let digest = sha256_digest(&data);
+
+    let response = client.post(server.url("/v2/vd/ns/disk/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let location = header(&response, "Location");
+    assert!(location.starts_with("/v2/vd/ns/disk/blobs/uploads/"), "{location}");
+    assert!(!header(&response, "Docker-Upload-UUID").is_empty());
+    assert_eq!(header(&response, "Range"), "0-0");
+
+    // First chunk with Content-Range.
+    let response = client
+        .patch(server.url(&location))
+        .header("Content-Range", "0-999999")
+        .header("Content-Type", "application/octet-stream")
+        .body(data[..1_000_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(header(&response, "Range"), "0-999999");
+    let location = header(&response, "Location");
+
+    // Out of order: 416 with the current range.
+    let response = client
+        .patch(server.url(&location))
+        .header("Content-Range", "1500000-1999999")
+        .body(data[1_500_000..2_000_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 416);
+    assert_eq!(header(&response, "Range"), "0-999999");
+
+    // Status.
+    let response = client.get(server.url(&location)).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(header(&response, "Range"), "0-999999");
+    assert_eq!(header(&response, "Location"), location);
+
+    // Second chunk streamed without Content-Range.
+    let response = client
+        .patch(server.url(&location))
+        .body(data[1_000_000..2_500_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(header(&response, "Range"), "0-2499999");
+
+    // A Content-Range that disagrees with Content-Length.
+    let response = client
+        .patch(server.url(&location))
+        .header("Content-Range", "2500000-2500009")
+        .body(vec![0u8; 5])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    // Finish without a digest: refused, upload kept.
+    let response = client.put(server.url(&location)).send().await.unwrap();
+    expect_error(response, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
+
+    // Finish with the last chunk.
+    let response = client
+        .put(server.url(&format!("{location}?digest={digest}")))
+        .header("Content-Range", "2500000-2999999")
+        .body(data[2_500_000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "Docker-Content-Digest"), digest);
+    assert_eq!(header(&response, "Location"), format!("/v2/vd/ns/disk/blobs/{digest}"));
+    let fetched = client
+        .get(server.url(&format!("/v2/vd/ns/disk/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(fetched, data);
+    let response = client.get(server.url(&location)).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
+}
+
+#[tokio::test]
+async fn upload_survives_a_restart_and_can_be_cancelled() {
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("data");
+    let client = Client::new();
+    let data = pseudo_random(500_000, 4);
+    let digest = sha256_digest(&data);
+    let location = {
+        let server = Server::start(&storage);
+        let response = client.post(server.url("/v2/a/blobs/uploads/")).send().await.unwrap();
+        let location = header(&response, "Location");
+        let response = client.patch(server.url(&location)).body(data[..200_000].to_vec()).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+        location
+    };
+    let server = Server::start(&storage);
+    let response = client.get(server.url(&location)).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(header(&response, "Range"), "0-199999");
+    let response = client
+        .put(server.url(&format!("{location}?digest={digest}")))
+        .body(data[200_000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "resumed upload finishes with the hash re-read from storage");
+
+    let response = client.post(server.url("/v2/a/blobs/uploads/")).send().await.unwrap();
+    let location = header(&response, "Location");
+    let response = client.delete(server.url(&location)).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    let response = client.get(server.url(&location)).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
+    let response = client.delete(server.url(&location)).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
+    let response = client
+        .patch(server.url("/v2/a/blobs/uploads/../../etc"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn cross_repository_mount() {
+    let (_directory, server, client) = setup();
+    let digest = push_blob(&client, &server, "vi/ns/source", b"shared layer").await;
+    let response = client
+        .post(server.url(&format!("/v2/vi/ns/target/blobs/uploads/?mount={digest}&from=vi/ns/source")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "Location"), format!("/v2/vi/ns/target/blobs/{digest}"));
+    assert_eq!(header(&response, "Docker-Content-Digest"), digest);
+    let response = client.head(server.url(&format!("/v2/vi/ns/target/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    // From a repository that does not have it: an ordinary upload starts.
+    let response = client
+        .post(server.url(&format!("/v2/vi/ns/third/blobs/uploads/?mount={digest}&from=vi/ns/empty")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert!(header(&response, "Location").starts_with("/v2/vi/ns/third/blobs/uploads/"));
+    let response = client.head(server.url(&format!("/v2/vi/ns/third/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn sha512_digests() {
+    let (_directory, server, client) = setup();
+    let data = pseudo_random(70_000, 5);
+    let digest = format!("sha512:{}", hex::encode(Sha512::digest(&data)));
+    let response = client
+        .post(server.url(&format!("/v2/a/blobs/uploads/?digest={digest}")))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let response = client.get(server.url(&format!("/v2/a/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "Docker-Content-Digest"), digest);
+    assert_eq!(response.bytes().await.unwrap(), data);
+
+    // A chunked upload hashed as sha256 while streaming, finished as sha512.
+    let other = pseudo_random(90_000, 6);
+    let other_digest = format!("sha512:{}", hex::encode(Sha512::digest(&other)));
+    let response = client.post(server.url("/v2/a/blobs/uploads/")).send().await.unwrap();
+    let location = header(&response, "Location");
+    client.patch(server.url(&location)).body(other.clone()).send().await.unwrap();
+    let response = client.put(server.url(&format!("{location}?digest={other_digest}"))).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+
+    // A manifest addressed by a sha512 digest.
+    let config = push_blob(&client, &server, "a", b"{}").await;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": digest, "size": data.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = format!("sha512:{}", hex::encode(Sha512::digest(&manifest)));
+    let response = client
+        .put(server.url(&format!("/v2/a/manifests/{manifest_digest}")))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "Docker-Content-Digest"), manifest_digest);
+    let response = client.get(server.url(&format!("/v2/a/manifests/{manifest_digest}"))).send().await.unwrap();
+    assert_eq!(response.bytes().await.unwrap(), manifest);
+}
+
+#[tokio::test]
+async fn blob_delete_unlinks_from_the_repository() {
+    let (_directory, server, client) = setup();
+    let digest = push_blob(&client, &server, "a", b"to delete").await;
+    push_blob(&client, &server, "b", b"to delete").await;
+    let url = server.url(&format!("/v2/a/blobs/{digest}"));
+    let response = client.delete(&url).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(client.head(&url).send().await.unwrap().status(), 404);
+    expect_error(client.delete(&url).send().await.unwrap(), StatusCode::NOT_FOUND, "BLOB_UNKNOWN").await;
+    let response = client.head(server.url(&format!("/v2/b/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(response.status(), 200, "other repositories keep the blob");
+}
+
+#[tokio::test]
+async fn manifests_by_tag_and_digest_with_negotiation() {
+    let (_directory, server, client) = setup();
+    let oci = image::multi_layer_image(7);
+    push_image(&client, &server, "vi/ns/img", "v1", &oci).await;
+    let digest = oci.digest();
+
+    for reference in ["v1", digest.as_str()] {
+        let url = server.url(&format!("/v2/vi/ns/img/manifests/{reference}"));
+        let response = client.get(&url).header("Accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "Content-Type"), OCI_MANIFEST);
+        assert_eq!(header(&response, "Docker-Content-Digest"), digest);
+        assert_eq!(response.bytes().await.unwrap(), oci.manifest);
+        let response = client.head(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "Content-Length"), oci.manifest.len().to_string());
+        assert_eq!(header(&response, "Docker-Content-Digest"), digest);
+        // A client that takes only Docker types does not get an OCI manifest.
+        let response = client.get(&url).header("Accept", DOCKER_MANIFEST).send().await.unwrap();
+        expect_error(response, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
+        let response = client
+            .get(&url)
+            .header("Accept", format!("{DOCKER_MANIFEST}, {OCI_MANIFEST}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+
+    // Docker schema 2, and a Docker manifest list over it.
+    let docker = image::disk_image("disk.img", &pseudo_random(10_000, 8));
+    push_image(&client, &server, "vi/ns/img", "docker", &docker).await;
+    let response = client
+        .get(server.url("/v2/vi/ns/img/manifests/docker"))
+        .header("Accept", DOCKER_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&response, "Content-Type"), DOCKER_MANIFEST);
+    let list = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": DOCKER_LIST,
+        "manifests": [{"mediaType": DOCKER_MANIFEST, "digest": docker.digest(), "size": docker.manifest.len(),
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    }))
+    .unwrap();
+    let response = client
+        .put(server.url("/v2/vi/ns/img/manifests/list"))
+        .header("Content-Type", DOCKER_LIST)
+        .body(list.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "Location"), format!("/v2/vi/ns/img/manifests/{}", sha256_digest(&list)));
+    let response = client.get(server.url("/v2/vi/ns/img/manifests/list")).send().await.unwrap();
+    assert_eq!(header(&response, "Content-Type"), DOCKER_LIST);
+
+    // An OCI index whose child is missing, then present.
+    let index = |child: &str| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": child, "size": 10}],
+        }))
+        .unwrap()
+    };
+    let response = client
+        .put(server.url("/v2/vi/ns/img/manifests/index"))
+        .header("Content-Type", OCI_INDEX)
+        .body(index(&sha256_digest(b"missing")))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN").await;
+    let response = client
+        .put(server.url("/v2/vi/ns/img/manifests/index"))
+        .header("Content-Type", OCI_INDEX)
+        .body(index(&digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    // Unknown references.
+    let response = client.get(server.url("/v2/vi/ns/img/manifests/nope")).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
+    let response = client.get(server.url(&format!("/v2/vi/ns/other/manifests/{digest}"))).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
+}
+
+#[tokio::test]
+async fn manifest_put_rules() {
+    let (_directory, server, client) = setup();
+    let oci = image::multi_layer_image(9);
+    // Blobs in another repository only: HEAD says 404 here, and so does PUT.
+    for blob in oci.blobs() {
+        push_blob(&client, &server, "elsewhere", blob).await;
+    }
+    let put = |reference: &str, body: Vec<u8>, content_type: &str| {
+        client
+            .put(server.url(&format!("/v2/here/manifests/{reference}")))
+            .header("Content-Type", content_type.to_string())
+            .body(body)
+    };
+    let response = put("v1", oci.manifest.clone(), OCI_MANIFEST).send().await.unwrap();
+    let message = expect_error(response, StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN").await;
+    assert!(message.contains("sha256:"), "{message}");
+
+    // Digest in the URL that does not match the body.
+    push_image(&client, &server, "here", "v1", &oci).await;
+    let response = put(&sha256_digest(b"other"), oci.manifest.clone(), OCI_MANIFEST).send().await.unwrap();
+    expect_error(response, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
+    let response = put(&oci.digest(), oci.manifest.clone(), OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+
+    // Too large.
+    let mut huge = br#"{"schemaVersion":2,"annotations":{"x":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 4 << 20));
+    huge.extend_from_slice(br#""}}"#);
+    // A client of its own: the server answers before reading the body and
+    // then closes the connection, which a pooled client would reuse.
+    let response = Client::new()
+        .put(server.url("/v2/here/manifests/huge"))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(response.json::<Value>().await.unwrap()["errors"][0]["code"], "MANIFEST_INVALID");
+
+    // Malformed bodies, wrong types, schema 1.
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json".to_vec(), OCI_MANIFEST),
+        (b"[]".to_vec(), OCI_MANIFEST),
+        (oci.manifest.clone(), OCI_INDEX),
+        (br#"{"schemaVersion":1,"name":"x","tag":"y","fsLayers":[]}"#.to_vec(), "application/vnd.docker.distribution.manifest.v1+prettyjws"),
+        (br#"{"schemaVersion":2,"mediaType":"application/x-unknown"}"#.to_vec(), "application/x-unknown"),
+        (br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{}}"#.to_vec(), OCI_MANIFEST),
+    ];
+    for (body, content_type) in cases {
+        let response = put("bad", body, content_type).send().await.unwrap();
+        expect_error(response, StatusCode::BAD_REQUEST, "MANIFEST_INVALID").await;
+    }
+    let response = put("bad:tag", oci.manifest.clone(), OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let response = client.get(server.url("/v2/here/manifests/bad")).send().await.unwrap();
+    assert_eq!(response.status(), 404, "no refused manifest got tagged");
+}
+
+#[tokio::test]
+async fn manifest_and_tag_delete() {
+    let (_directory, server, client) = setup();
+    let first = image::disk_image("a.img", b"first disk");
+    let second = image::disk_image("b.img", b"second disk");
+    push_image(&client, &server, "vi/ns/img", "one", &first).await;
+    push_image(&client, &server, "vi/ns/img", "also-one", &first).await;
+    push_image(&client, &server, "vi/ns/img", "two", &second).await;
+
+    // Deleting a tag leaves the manifest.
+    let response = client.delete(server.url("/v2/vi/ns/img/manifests/two")).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(client.get(server.url("/v2/vi/ns/img/manifests/two")).send().await.unwrap().status(), 404);
+    let by_digest = server.url(&format!("/v2/vi/ns/img/manifests/{}", second.digest()));
+    assert_eq!(client.get(&by_digest).send().await.unwrap().status(), 200);
+
+    // Deleting by digest removes the manifest and every tag on it.
+    let response = client
+        .delete(server.url(&format!("/v2/vi/ns/img/manifests/{}", first.digest())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    for tag in ["one", "also-one"] {
+        let response = client.get(server.url(&format!("/v2/vi/ns/img/manifests/{tag}"))).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{tag}");
+    }
+    let tags: Value = client.get(server.url("/v2/vi/ns/img/tags/list")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(tags["tags"], json!([]));
+    let response = client
+        .delete(server.url(&format!("/v2/vi/ns/img/manifests/{}", first.digest())))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
+}
+
+#[tokio::test]
+async fn tags_and_catalog_pagination() {
+    let (_directory, server, client) = setup();
+    let image = image::disk_image("d.img", b"disk");
+    for tag in ["e", "a", "c", "b", "d"] {
+        push_image(&client, &server, "cvi/ubuntu", tag, &image).await;
+    }
+    for repository in ["vi/ns/x", "vi/ns/y", "vd/ns/z"] {
+        push_image(&client, &server, repository, "t", &image).await;
+    }
+
+    let response = client.get(server.url("/v2/cvi/ubuntu/tags/list")).send().await.unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"name": "cvi/ubuntu", "tags": ["a", "b", "c", "d", "e"]}));
+
+    let mut seen = Vec::new();
+    let mut next = Some("/v2/cvi/ubuntu/tags/list?n=2".to_string());
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        pages += 1;
+        assert!(pages <= 5, "pagination does not end");
+        let response = client.get(server.url(&path)).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let link = header(&response, "Link");
+        let body: Value = response.json().await.unwrap();
+        let page: Vec<String> = serde_json::from_value(body["tags"].clone()).unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(page);
+        if !link.is_empty() {
+            assert!(link.ends_with("; rel=\"next\""), "{link}");
+            next = Some(link[1..link.find('>').unwrap()].to_string());
+        }
+    }
+    assert_eq!(seen, ["a", "b", "c", "d", "e"]);
+    assert_eq!(pages, 3);
+
+    let response = client.get(server.url("/v2/cvi/ubuntu/tags/list?n=10&last=c")).send().await.unwrap();
+    assert!(header(&response, "Link").is_empty());
+    assert_eq!(response.json::<Value>().await.unwrap()["tags"], json!(["d", "e"]));
+    let response = client.get(server.url("/v2/cvi/ubuntu/tags/list?n=0")).send().await.unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap()["tags"], json!([]));
+    let response = client.get(server.url("/v2/cvi/none/tags/list")).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "NAME_UNKNOWN").await;
+
+    let response = client.get(server.url("/v2/_catalog")).send().await.unwrap();
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"repositories": ["cvi/ubuntu", "vd/ns/z", "vi/ns/x", "vi/ns/y"]})
+    );
+    let response = client.get(server.url("/v2/_catalog?n=2")).send().await.unwrap();
+    let link = header(&response, "Link");
+    assert_eq!(link, "</v2/_catalog?n=2&last=vd%2Fns%2Fz>; rel=\"next\"");
+    assert_eq!(response.json::<Value>().await.unwrap()["repositories"], json!(["cvi/ubuntu", "vd/ns/z"]));
+    let response = client.get(server.url(&link[1..link.find('>').unwrap()])).send().await.unwrap();
+    assert!(header(&response, "Link").is_empty());
+    assert_eq!(response.json::<Value>().await.unwrap()["repositories"], json!(["vi/ns/x", "vi/ns/y"]));
+}
+
+#[tokio::test]
+async fn referrers_api_with_artifact_type_filter() {
+    let (_directory, server, client) = setup();
+    let subject = image::disk_image("s.img", b"subject disk");
+    push_image(&client, &server, "vi/ns/img", "v1", &subject).await;
+    let empty = push_blob(&client, &server, "vi/ns/img", b"{}").await;
+    let signature = push_blob(&client, &server, "vi/ns/img", b"signature bytes").await;
+
+    let artifact = |artifact_type: &str| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": signature, "size": 15}],
+            "subject": {"mediaType": DOCKER_MANIFEST, "digest": subject.digest(), "size": subject.manifest.len()},
+            "annotations": {"org.example.kind": artifact_type},
+        }))
+        .unwrap()
+    };
+    let mut pushed = Vec::new();
+    for artifact_type in ["application/vnd.example.signature", "application/vnd.example.sbom"] {
+        let body = artifact(artifact_type);
+        let digest = sha256_digest(&body);
+        let response = client
+            .put(server.url(&format!("/v2/vi/ns/img/manifests/{digest}")))
+            .header("Content-Type", OCI_MANIFEST)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(header(&response, "OCI-Subject"), subject.digest());
+        pushed.push((digest, body.len(), artifact_type));
+    }
+
+    let url = server.url(&format!("/v2/vi/ns/img/referrers/{}", subject.digest()));
+    let response = client.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "Content-Type"), OCI_INDEX);
+    assert!(header(&response, "OCI-Filters-Applied").is_empty());
+    let index: Value = response.json().await.unwrap();
+    assert_eq!(index["schemaVersion"], 2);
+    assert_eq!(index["mediaType"], OCI_INDEX);
+    let mut listed: Vec<(String, u64, String)> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|descriptor| {
+            assert_eq!(descriptor["mediaType"], OCI_MANIFEST);
+            assert_eq!(descriptor["annotations"]["org.example.kind"], descriptor["artifactType"]);
+            (
+                descriptor["digest"].as_str().unwrap().to_string(),
+                descriptor["size"].as_u64().unwrap(),
+                descriptor["artifactType"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    listed.sort();
+    let mut expected: Vec<(String, u64, String)> =
+        pushed.iter().map(|(digest, size, kind)| (digest.clone(), *size as u64, kind.to_string())).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    let response = client
+        .get(format!("{url}?artifactType=application/vnd.example.sbom"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&response, "OCI-Filters-Applied"), "artifactType");
+    let index: Value = response.json().await.unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(index["manifests"][0]["artifactType"], "application/vnd.example.sbom");
+
+    // No referrers: an empty index, not 404. A bad digest: 400.
+    let response = client
+        .get(server.url(&format!("/v2/vi/ns/img/referrers/{}", sha256_digest(b"nothing"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["manifests"], json!([]));
+    let response = client.get(server.url("/v2/vi/ns/img/referrers/sha256:zz")).send().await.unwrap();
+    expect_error(response, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
+
+    // Deleting a referrer removes it from the list.
+    let response = client
+        .delete(server.url(&format!("/v2/vi/ns/img/manifests/{}", pushed[0].0)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let index: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+}
+
+/// Sends a request line as it is, so that paths no HTTP library would send
+/// (`..`, `//`) reach the server.
+fn raw_status(server: &Server, method: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (status, answer)
+}
+
+#[tokio::test]
+async fn repository_names_are_checked_before_storage() {
+    let (_directory, server, client) = setup();
+    let long = format!("{}/x", "a".repeat(254));
+    let digest = sha256_digest(b"x");
+    for path in [
+        format!("/v2/UPPER/blobs/{digest}"),
+        format!("/v2/a/../b/blobs/{digest}"),
+        format!("/v2/../../../etc/blobs/{digest}"),
+        format!("/v2/a//b/manifests/latest"),
+        format!("/v2/a/-b/manifests/latest"),
+        format!("/v2/a%2F..%2Fb/manifests/latest"),
+        format!("/v2/{long}/tags/list"),
+    ] {
+        let (status, answer) = raw_status(&server, "GET", &path);
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert!(answer.contains("NAME_INVALID"), "{path}: {answer}");
+    }
+    let (status, _) = raw_status(&server, "POST", "/v2/a/../b/blobs/uploads/");
+    assert_eq!(status, 400);
+    let ok_name = format!("{}/x", "a".repeat(253));
+    let response = client.get(server.url(&format!("/v2/{ok_name}/tags/list"))).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "NAME_UNKNOWN").await;
+    assert!(
+        !server.storage.join("docker/registry/v2/repositories/b").exists(),
+        "a refused name reached storage"
+    );
+    // Methods the API does not have.
+    let response = client.put(server.url(&format!("/v2/a/blobs/{digest}"))).send().await.unwrap();
+    expect_error(response, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED").await;
+}

@@ -1,0 +1,170 @@
+//! Shared pieces of the end-to-end tests: the real `dvcr` binary started on
+//! 127.0.0.1, tool checks, and image fixtures built at test time.
+
+#![allow(dead_code)]
+
+pub mod image;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+/// The `dvcr` binary cargo built for these tests.
+pub const DVCR: &str = env!("CARGO_BIN_EXE_dvcr");
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// The path of a tool the test needs. A missing tool fails the test: the
+/// README's test command installs every tool, so missing means broken setup.
+pub fn require_tool(name: &str) -> PathBuf {
+    let paths = std::env::var_os("PATH").unwrap_or_default();
+    for directory in std::env::split_paths(&paths).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]) {
+        let candidate = directory.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("required tool `{name}` is not installed: run the README's test command (scripts/test.sh), which installs it");
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// A running `dvcr serve` on 127.0.0.1, killed when dropped.
+pub struct Server {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`
+    pub address: String,
+    /// The storage folder.
+    pub storage: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `dvcr serve` on a free port over `storage`.
+    pub fn start(storage: &Path) -> Server {
+        Server::start_on(storage, free_port())
+    }
+
+    /// Starts `dvcr serve` on `port` over `storage` and waits until it answers.
+    pub fn start_on(storage: &Path, port: u16) -> Server {
+        let address = format!("127.0.0.1:{port}");
+        let log = storage.with_extension(format!("{port}.log"));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("cannot create the server log");
+        let child = Command::new(DVCR)
+            .args(["serve", "--listen", &address, "--storage-dir"])
+            .arg(storage)
+            .env("DVCR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log handle"))
+            .stderr(log_file)
+            .spawn()
+            .expect("cannot start dvcr serve");
+        let mut server = Server {
+            child: Some(child),
+            address,
+            storage: storage.to_path_buf(),
+            log,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("dvcr serve exited with {status}; log:\n{}", self.log());
+                }
+            }
+            if std::net::TcpStream::connect(&self.address).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("dvcr serve did not listen on {} within 20 s; log:\n{}", self.address, self.log());
+    }
+
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(&self.log) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command and returns its stdout, failing the test with its output
+/// when it fails.
+pub fn run(command: &mut Command) -> String {
+    let output = command.output().unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    if !output.status.success() {
+        panic!(
+            "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Pushes an image fixture to `repository:tag` with plain HTTP requests
+/// (monolithic blob uploads, then the manifest).
+pub async fn push_image(client: &reqwest::Client, server: &Server, repository: &str, tag: &str, image: &image::Image) {
+    for blob in image.blobs() {
+        let url = server.url(&format!("/v2/{repository}/blobs/uploads/?digest={}", sha256_digest(blob)));
+        let response = client.post(url).body(blob.to_vec()).send().await.expect("blob push");
+        assert_eq!(response.status(), 201, "blob push: {:?}", response.text().await);
+    }
+    let response = client
+        .put(server.url(&format!("/v2/{repository}/manifests/{tag}")))
+        .header("Content-Type", &image.manifest_media_type)
+        .body(image.manifest.clone())
+        .send()
+        .await
+        .expect("manifest push");
+    assert_eq!(response.status(), 201, "manifest push: {:?}", response.text().await);
+}
