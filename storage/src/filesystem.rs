@@ -447,6 +447,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chunked_writes_and_appends_agree() {
+        let directory = tempfile::tempdir().unwrap();
+        let driver = FilesystemDriver::new(directory.path()).unwrap();
+        let path = StoragePath::new("blob").unwrap();
+        let data: Vec<u8> = (0..(9 << 20) + 123u32).map(|index| (index * 7 % 253) as u8).collect();
+        let mut writer = driver.writer(&path, false).await.unwrap();
+        for chunk in data[..5 << 20].chunks(65_537) {
+            writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        writer.close().await.unwrap();
+        let mut writer = driver.writer(&path, true).await.unwrap();
+        for chunk in data[5 << 20..].chunks(1_000_003) {
+            writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        assert_eq!(writer.commit().await.unwrap(), data.len() as u64);
+        assert_eq!(fs::read(directory.path().join("blob")).unwrap(), data);
+    }
+
+    #[tokio::test]
     async fn put_content_leaves_no_temporary_files() {
         let directory = tempfile::tempdir().unwrap();
         let driver = FilesystemDriver::new(directory.path()).unwrap();
