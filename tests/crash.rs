@@ -1,0 +1,289 @@
+//! `kill -9` at the worst moments: nothing partial may ever be visible
+//! after a restart, and an interrupted upload can be resumed.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::image::{self, pseudo_random};
+use common::{push_image, sha256_digest, Server};
+use futures::StreamExt;
+use reqwest::Client;
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+const CHUNK: usize = 1 << 20;
+
+/// A body of `chunks` pseudo-random MiB, counting what was handed to the
+/// client and flagging when the last chunk went out.
+fn counted_body(chunks: usize, seed: u64, sent: Arc<AtomicU64>, finished: Arc<AtomicBool>) -> reqwest::Body {
+    let stream = futures::stream::iter(0..chunks).map(move |index| {
+        let chunk = Bytes::from(pseudo_random(CHUNK, seed + index as u64));
+        sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        if index + 1 == chunks {
+            finished.store(true, Ordering::SeqCst);
+        }
+        Ok::<_, std::io::Error>(chunk)
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+fn body_digest(chunks: usize, seed: u64) -> String {
+    let mut hasher = Sha256::new();
+    for index in 0..chunks {
+        hasher.update(pseudo_random(CHUNK, seed + index as u64));
+    }
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// Checks the whole store on disk: every blob file hashes to its name, and
+/// every tag leads to a stored manifest whose blobs are all linked and
+/// stored. Returns (blobs, tags).
+fn verify_store(storage: &Path) -> (usize, usize) {
+    let root = storage.join("docker/registry/v2");
+    let mut blobs = 0;
+    if let Ok(prefixes) = std::fs::read_dir(root.join("blobs/sha256")) {
+        for prefix in prefixes.flatten() {
+            for blob in std::fs::read_dir(prefix.path()).unwrap().flatten() {
+                let name = blob.file_name().to_string_lossy().into_owned();
+                let data = std::fs::read(blob.path().join("data")).unwrap_or_else(|error| {
+                    panic!("blob folder {name} has no readable data: {error}")
+                });
+                assert_eq!(sha256_digest(&data), format!("sha256:{name}"), "a partial or corrupt blob is stored");
+                blobs += 1;
+            }
+        }
+    }
+    let blob_path = |digest: &str| {
+        let hex = &digest["sha256:".len()..];
+        root.join("blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    };
+    let mut tags = 0;
+    let mut pending = vec![root.join("repositories")];
+    while let Some(folder) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name != "_manifests" {
+                if !name.starts_with('_') {
+                    pending.push(entry.path());
+                }
+                continue;
+            }
+            let Ok(tag_folders) = std::fs::read_dir(entry.path().join("tags")) else { continue };
+            for tag in tag_folders.flatten() {
+                let link = tag.path().join("current/link");
+                let Ok(digest) = std::fs::read_to_string(&link) else { continue };
+                let hex = &digest["sha256:".len()..];
+                assert!(
+                    entry.path().join("revisions/sha256").join(hex).join("link").exists(),
+                    "tag {:?} points to a manifest the repository does not have",
+                    tag.file_name()
+                );
+                let manifest: Value = serde_json::from_slice(&std::fs::read(blob_path(&digest)).unwrap()).unwrap();
+                let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+                for descriptor in std::iter::once(&manifest["config"]).chain(layers.iter()) {
+                    let blob = descriptor["digest"].as_str().unwrap();
+                    assert!(blob_path(blob).exists(), "tagged manifest refers to missing blob {blob}");
+                    let layer_link = folder.join("_layers/sha256").join(&blob["sha256:".len()..]).join("link");
+                    assert!(layer_link.exists(), "tagged manifest refers to unlinked blob {blob}");
+                }
+                tags += 1;
+            }
+        }
+    }
+    (blobs, tags)
+}
+
+async fn wait_until(deadline: Duration, condition: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < deadline, "condition not reached within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_a_large_upload_leaves_nothing_visible_and_the_upload_resumes() {
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("data");
+    let client = Client::new();
+    let chunks = 256;
+    let digest = body_digest(chunks, 1);
+
+    // A monolithic upload killed a quarter of the way.
+    let mut server = Server::start(&storage);
+    let sent = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicBool::new(false));
+    let request = client
+        .post(server.url(&format!("/v2/vi/ns/big/blobs/uploads/?digest={digest}")))
+        .body(counted_body(chunks, 1, sent.clone(), finished.clone()))
+        .send();
+    let upload = tokio::spawn(request);
+    wait_until(Duration::from_secs(60), || sent.load(Ordering::SeqCst) >= 64 << 20).await;
+    server.kill9();
+    assert!(upload.await.unwrap().is_err(), "the killed server cannot have answered");
+
+    // A chunked upload killed in the middle of a PATCH.
+    let server = Server::start(&storage);
+    let response = client.post(server.url("/v2/vi/ns/big/blobs/uploads/")).send().await.unwrap();
+    let location = response.headers()["Location"].to_str().unwrap().to_string();
+    let mut server = server;
+    let sent = Arc::new(AtomicU64::new(0));
+    let patch = client
+        .patch(server.url(&location))
+        .body(counted_body(chunks, 1, sent.clone(), finished.clone()))
+        .send();
+    let upload = tokio::spawn(patch);
+    wait_until(Duration::from_secs(60), || sent.load(Ordering::SeqCst) >= 100 << 20).await;
+    server.kill9();
+    let _ = upload.await;
+
+    let server = Server::start(&storage);
+    let response = client.head(server.url(&format!("/v2/vi/ns/big/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(response.status(), 404, "a partial blob is visible");
+    assert_eq!(verify_store(&storage), (0, 0));
+
+    // The chunked upload resumes from what the registry says it has.
+    let response = client.get(server.url(&location)).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    let range = response.headers()["Range"].to_str().unwrap().to_string();
+    let end: usize = range.trim_start_matches("0-").parse().unwrap();
+    let have = if end == 0 { 0 } else { end + 1 };
+    assert!(have as u64 <= sent.load(Ordering::SeqCst), "the registry claims bytes it was never sent");
+    let mut rest = Vec::new();
+    for index in have / CHUNK..chunks {
+        rest.extend_from_slice(&pseudo_random(CHUNK, 1 + index as u64));
+    }
+    let rest = rest.split_off(have % CHUNK);
+    let response = client
+        .put(server.url(&format!("{location}?digest={digest}")))
+        .header("Content-Range", format!("{have}-{}", chunks * CHUNK - 1))
+        .body(rest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "resumed upload after a crash: {:?}", response.text().await);
+    let response = client.get(server.url(&format!("/v2/vi/ns/big/blobs/{digest}"))).send().await.unwrap();
+    let mut hasher = Sha256::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        hasher.update(chunk.unwrap());
+    }
+    assert_eq!(format!("sha256:{}", hex::encode(hasher.finalize())), digest);
+    assert_eq!(verify_store(&storage), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_commit_leaves_a_blob_whole_or_absent() {
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("data");
+    let client = Client::new();
+    let chunks = 48;
+    let (mut whole, mut absent) = (0, 0);
+    // Delays after the last byte landed in the upload file: from inside the
+    // fsync/hash/rename to well after the commit.
+    let delays_ms = [0u64, 1, 2, 4, 8, 16, 50, 400];
+    for (round, delay) in delays_ms.into_iter().enumerate() {
+        let seed = 1000 * (round as u64 + 1);
+        let digest = body_digest(chunks, seed);
+        let mut server = Server::start(&storage);
+        let sent = Arc::new(AtomicU64::new(0));
+        let finished = Arc::new(AtomicBool::new(false));
+        let request = client
+            .post(server.url(&format!("/v2/vd/ns/disk/blobs/uploads/?digest={digest}")))
+            .body(counted_body(chunks, seed, sent, finished.clone()))
+            .send();
+        let upload = tokio::spawn(request);
+        let uploads = storage.join("docker/registry/v2/repositories/vd/ns/disk/_uploads");
+        let total = (chunks * CHUNK) as u64;
+        let all_written = || {
+            std::fs::read_dir(&uploads).into_iter().flatten().flatten().any(|upload| {
+                std::fs::metadata(upload.path().join("data")).is_ok_and(|data| data.len() == total)
+            })
+        };
+        wait_until(Duration::from_secs(60), || all_written() || upload.is_finished()).await;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        server.kill9();
+        let _ = upload.await;
+
+        let server = Server::start(&storage);
+        let response = client.get(server.url(&format!("/v2/vd/ns/disk/blobs/{digest}"))).send().await.unwrap();
+        match response.status().as_u16() {
+            200 => {
+                let content = response.bytes().await.unwrap();
+                assert_eq!(sha256_digest(&content), digest, "round {round}: visible blob is not whole");
+                whole += 1;
+            }
+            404 => absent += 1,
+            other => panic!("round {round}: unexpected status {other}"),
+        }
+        verify_store(&storage);
+    }
+    eprintln!("after kill -9 during commit: {whole} blobs whole, {absent} absent");
+    assert_eq!(whole + absent, delays_ms.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_manifest_and_tag_writes_never_leaves_a_broken_tag() {
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("data");
+    let client = Client::new();
+    for round in 0..6u64 {
+        let mut server = Server::start(&storage);
+        let address = server.address.clone();
+        let pushing = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for index in 0..10_000u64 {
+                    let disk = pseudo_random(64 << 10, round * 10_000 + index);
+                    let image = image::disk_image("disk.img", &disk);
+                    for blob in image.blobs() {
+                        let url = format!(
+                            "http://{address}/v2/vi/ns/img{round}/blobs/uploads/?digest={}",
+                            sha256_digest(blob)
+                        );
+                        if client.post(url).body(blob.to_vec()).send().await.is_err() {
+                            return;
+                        }
+                    }
+                    let url = format!("http://{address}/v2/vi/ns/img{round}/manifests/t{index}");
+                    let sent = client
+                        .put(url)
+                        .header("Content-Type", &image.manifest_media_type)
+                        .body(image.manifest.clone())
+                        .send()
+                        .await;
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(150 + round * 37)).await;
+        server.kill9();
+        pushing.await.unwrap();
+        let server = Server::start(&storage);
+        let (_, tags) = verify_store(&storage);
+        assert!(tags > 0, "round {round}: nothing was pushed before the kill");
+        // What the API serves agrees with what is on disk.
+        let response = client.get(server.url(&format!("/v2/vi/ns/img{round}/tags/list"))).send().await.unwrap();
+        let listed: Value = response.json().await.unwrap();
+        for tag in listed["tags"].as_array().unwrap() {
+            let response = client
+                .get(server.url(&format!("/v2/vi/ns/img{round}/manifests/{}", tag.as_str().unwrap())))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "tag {tag} is listed but not served");
+        }
+    }
+    // A push after all the crashes still works.
+    let server = Server::start(&storage);
+    push_image(&client, &server, "vi/ns/after", "v1", &image::disk_image("d.img", b"after")).await;
+    verify_store(&storage);
+}
