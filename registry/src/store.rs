@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use dvcr_storage::{ByteStream, StorageDriver, StorageError, StoragePath};
+use dvcr_storage::{ByteStream, FileWriter, StorageDriver, StorageError, StoragePath};
+use tokio::sync::{mpsc, oneshot};
 use futures::{Stream, StreamExt};
 use rand::distr::{Alphanumeric, SampleString};
 
@@ -210,29 +211,29 @@ impl Store {
                 return Err(out_of_order(name, id, offset, current));
             }
         }
-        if hash.as_ref().is_some_and(|state| state.hashed_bytes != current) {
-            *hash = None;
+        let hashing = hash
+            .take()
+            .filter(|state| state.hashed_bytes == current)
+            .map(BackgroundHasher::start);
+        let streamed = stream_body(&mut body, writer.as_mut(), hashing.as_ref()).await;
+        // The hash covers exactly the chunks handed to the writer.
+        if let Some(hashing) = hashing {
+            *hash = hashing.finish().await;
         }
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(error) => {
-                    // Keep what arrived: the client can resume from it.
-                    let kept = writer.close().await;
-                    if kept.is_err() {
-                        *hash = None;
-                    }
-                    return Err(RegistryError::upload_invalid(format!(
-                        "upload body ended early after {} bytes: {error}",
-                        kept.unwrap_or(current)
-                    )));
+        match streamed {
+            Ok(()) => {}
+            Err(StreamError::Body(message)) => {
+                // Keep what arrived: the client can resume from it.
+                let kept = writer.close().await;
+                if kept.is_err() {
+                    *hash = None;
                 }
-            };
-            if let Some(state) = hash.as_mut() {
-                state.hasher.update(&chunk);
-                state.hashed_bytes += chunk.len() as u64;
+                return Err(RegistryError::upload_invalid(format!(
+                    "upload body ended early after {} bytes: {message}",
+                    kept.unwrap_or(current)
+                )));
             }
-            if let Err(error) = writer.write(chunk).await {
+            Err(StreamError::Storage(error)) => {
                 *hash = None;
                 return Err(error.into());
             }
@@ -490,6 +491,70 @@ impl Store {
             }
         }
         Ok(found)
+    }
+}
+
+/// Why streaming a body into an upload stopped.
+enum StreamError {
+    /// The client's body failed (disconnect, bad chunking).
+    Body(String),
+    /// Storage refused a write.
+    Storage(StorageError),
+}
+
+/// Copies a request body into a writer, feeding each chunk to the hasher too.
+async fn stream_body<S, E>(
+    body: &mut S,
+    writer: &mut dyn FileWriter,
+    hashing: Option<&BackgroundHasher>,
+) -> Result<(), StreamError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: std::fmt::Display,
+{
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|error| StreamError::Body(error.to_string()))?;
+        if let Some(hashing) = hashing {
+            hashing.feed(chunk.clone()).await;
+        }
+        writer.write(chunk).await.map_err(StreamError::Storage)?;
+    }
+    Ok(())
+}
+
+/// Chunks a hasher thread may have queued.
+const HASH_QUEUE_CHUNKS: usize = 16;
+
+/// Hashes an upload on a thread of its own, so that hashing, receiving and
+/// writing use different cores.
+struct BackgroundHasher {
+    chunks: mpsc::Sender<Bytes>,
+    done: oneshot::Receiver<UploadHash>,
+}
+
+impl BackgroundHasher {
+    fn start(mut state: UploadHash) -> Self {
+        let (chunks, mut receiver) = mpsc::channel::<Bytes>(HASH_QUEUE_CHUNKS);
+        let (report, done) = oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = receiver.blocking_recv() {
+                state.hasher.update(&chunk);
+                state.hashed_bytes += chunk.len() as u64;
+            }
+            let _ = report.send(state);
+        });
+        BackgroundHasher { chunks, done }
+    }
+
+    async fn feed(&self, chunk: Bytes) {
+        // A send fails only if the thread is gone; `finish` then yields no
+        // hash and the upload is hashed again from storage.
+        let _ = self.chunks.send(chunk).await;
+    }
+
+    async fn finish(self) -> Option<UploadHash> {
+        drop(self.chunks);
+        self.done.await.ok()
     }
 }
 
