@@ -164,6 +164,23 @@ impl Store {
         }
     }
 
+    /// Takes an existing upload for one request; a second request on the
+    /// same upload meanwhile gets 409.
+    async fn claim_upload(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+    ) -> RegistryResult<tokio::sync::OwnedMutexGuard<Option<UploadHash>>> {
+        self.upload_size(name, id).await?;
+        self.upload_slot(name, id).try_lock_owned().map_err(|_| {
+            RegistryError::new(
+                http::StatusCode::CONFLICT,
+                crate::error::ErrorCode::BlobUploadInvalid,
+                format!("upload {id} is busy with another request: send its chunks one after another"),
+            )
+        })
+    }
+
     /// Appends a body to an upload and returns the upload's new size. With
     /// `start`, the body must begin exactly where the upload ends (416 with
     /// the current `Range` otherwise).
@@ -178,15 +195,7 @@ impl Store {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        self.upload_size(name, id).await?;
-        let slot = self.upload_slot(name, id);
-        let mut hash = slot.try_lock().map_err(|_| {
-            RegistryError::new(
-                http::StatusCode::CONFLICT,
-                crate::error::ErrorCode::BlobUploadInvalid,
-                format!("upload {id} is busy with another request: send its chunks one after another"),
-            )
-        })?;
+        let mut hash = self.claim_upload(name, id).await?;
         self.append_locked(name, id, start, body, &mut hash, false).await
     }
 
@@ -263,15 +272,7 @@ impl Store {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        self.upload_size(name, id).await?;
-        let slot = self.upload_slot(name, id);
-        let mut hash = slot.try_lock().map_err(|_| {
-            RegistryError::new(
-                http::StatusCode::CONFLICT,
-                crate::error::ErrorCode::BlobUploadInvalid,
-                format!("upload {id} is busy with another request"),
-            )
-        })?;
+        let mut hash = self.claim_upload(name, id).await?;
         let size = self.append_locked(name, id, start, body, &mut hash, true).await?;
         let data = layout::upload_data(name, id)?;
         let actual = match hash.take() {
