@@ -24,4 +24,3 @@ fi
 
 cargo build --locked --workspace --all-targets
 cargo nextest run --locked --workspace --no-fail-fast
-cargo test --locked --workspace --doc

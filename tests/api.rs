@@ -757,9 +757,9 @@ async fn repository_names_are_checked_before_storage() {
         format!("/v2/UPPER/blobs/{digest}"),
         format!("/v2/a/../b/blobs/{digest}"),
         format!("/v2/../../../etc/blobs/{digest}"),
-        format!("/v2/a//b/manifests/latest"),
-        format!("/v2/a/-b/manifests/latest"),
-        format!("/v2/a%2F..%2Fb/manifests/latest"),
+        "/v2/a//b/manifests/latest".to_string(),
+        "/v2/a/-b/manifests/latest".to_string(),
+        "/v2/a%2F..%2Fb/manifests/latest".to_string(),
         format!("/v2/{long}/tags/list"),
     ] {
         let (status, answer) = raw_status(&server, "GET", &path);
