@@ -23,4 +23,5 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 cargo build --locked --workspace --all-targets
+cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo nextest run --locked --workspace --no-fail-fast
