@@ -31,6 +31,98 @@ enum LogFormat {
 enum Command {
     /// Run the OCI registry (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Detect and check a disk image and report its format and sizes.
+    Info(InfoArgs),
+    /// Convert a disk image (qcow2, raw, iso) to raw.
+    Convert(ConvertArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum InfoOutput {
+    Human,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct InfoArgs {
+    /// The image file.
+    file: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = InfoOutput::Human)]
+    output: InfoOutput,
+    /// Refuse images whose virtual size is larger (bytes).
+    #[arg(long, default_value_t = dvcr_converter::DEFAULT_MAX_VIRTUAL_SIZE)]
+    max_virtual_size: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetFormat {
+    Raw,
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// The source image.
+    source: PathBuf,
+    /// The destination: a file (created sparse) or a block device.
+    destination: PathBuf,
+    /// Output format.
+    #[arg(short = 'O', long = "output-format", value_enum, default_value_t = TargetFormat::Raw)]
+    output_format: TargetFormat,
+    /// Refuse images whose virtual size is larger (bytes).
+    #[arg(long, default_value_t = dvcr_converter::DEFAULT_MAX_VIRTUAL_SIZE)]
+    max_virtual_size: u64,
+}
+
+fn info(args: InfoArgs) -> anyhow::Result<()> {
+    let info = dvcr_converter::info::inspect(&args.file, args.max_virtual_size)
+        .with_context(|| format!("{} was refused", args.file.display()))?;
+    match args.output {
+        InfoOutput::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+        InfoOutput::Human => {
+            println!("image: {}", info.filename);
+            println!("file format: {}", info.detected_format);
+            if let Some(size) = info.virtual_size {
+                println!("virtual size: {size} bytes");
+            }
+            println!("disk size: {} bytes", info.actual_size);
+            if let Some(cluster_size) = info.cluster_size {
+                println!("cluster_size: {cluster_size}");
+            }
+            if let Some(compressed) = info.compressed {
+                println!("compressed clusters: {compressed}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    use dvcr_converter::detect::ImageFormat;
+    use dvcr_converter::source::FileSource;
+    let TargetFormat::Raw = args.output_format;
+    let file = std::fs::File::open(&args.source).with_context(|| format!("cannot open {}", args.source.display()))?;
+    let source = FileSource::new(file).with_context(|| format!("cannot read {}", args.source.display()))?;
+    let (wrapper, format) = dvcr_converter::info::detect_source(&source)?;
+    if let Some(compression) = wrapper {
+        return Err(dvcr_converter::ConverterError::Compressed(compression).into());
+    }
+    match format {
+        ImageFormat::Qcow2 => {
+            let image = dvcr_converter::qcow2::Qcow2Image::open(&source, args.max_virtual_size)
+                .with_context(|| format!("{} was refused", args.source.display()))?;
+            dvcr_converter::convert::qcow2_to_raw(&image, &args.destination)?;
+        }
+        ImageFormat::Raw | ImageFormat::Iso => dvcr_converter::convert::raw_to_raw(&source, &args.destination)?,
+        other => {
+            return Err(dvcr_converter::ConverterError::Unsupported {
+                format: other,
+                operation: "converted",
+            }
+            .into())
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -104,12 +196,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Some(Command::Serve(args)) => serve(args).await,
-            None => serve(ServeArgs::parse_defaults()).await,
-        }
-    });
+    let result = match cli.command {
+        Some(Command::Info(args)) => info(args),
+        Some(Command::Convert(args)) => convert(args),
+        Some(Command::Serve(args)) => runtime.block_on(serve(args)),
+        None => runtime.block_on(serve(ServeArgs::parse_defaults())),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -1,0 +1,108 @@
+//! Conversion to raw.
+
+use std::path::Path;
+
+use crate::output::RawOutput;
+use crate::qcow2::{Cluster, Qcow2Image};
+use crate::source::ReadAt;
+use crate::ConverterError;
+
+/// Largest run of contiguous data clusters read and written in one call.
+const MAX_RUN: u64 = 4 << 20;
+
+/// A run of guest clusters stored contiguously on the host.
+struct Run {
+    guest: u64,
+    host: u64,
+    length: u64,
+}
+
+/// Writes the guest disk of a qcow2 image to `destination` as raw.
+pub fn qcow2_to_raw(image: &Qcow2Image<'_>, destination: &Path) -> Result<(), ConverterError> {
+    let header = image.header();
+    let cluster_size = header.cluster_size();
+    let virtual_size = header.virtual_size;
+    let output = RawOutput::create(destination, virtual_size)
+        .map_err(|error| ConverterError::Output(destination.display().to_string(), error))?;
+    let source = image.source();
+    let mut buffer = vec![0u8; MAX_RUN as usize];
+    let mut compressed = Vec::new();
+    let mut cluster = vec![0u8; cluster_size as usize];
+    let mut pending: Option<Run> = None;
+    let output_error = |error| ConverterError::Output(destination.display().to_string(), error);
+
+    let flush = |run: Run, buffer: &mut [u8]| -> Result<(), ConverterError> {
+        let data = &mut buffer[..run.length as usize];
+        source.read_exact_at(data, run.host).map_err(ConverterError::Read)?;
+        output.write_data(run.guest, data).map_err(output_error)
+    };
+
+    image.for_each_cluster(|guest, mapping| -> Result<(), ConverterError> {
+        // The last cluster may reach past the virtual size.
+        let length = cluster_size.min(virtual_size - guest);
+        let contiguous = |run: &Run, host: u64| {
+            run.guest + run.length == guest && run.host + run.length == host && run.length + length <= MAX_RUN
+        };
+        if let Cluster::Data { host_offset } = mapping {
+            match pending.as_mut() {
+                Some(run) if contiguous(run, host_offset) => run.length += length,
+                _ => {
+                    if let Some(run) = pending.take() {
+                        flush(run, &mut buffer)?;
+                    }
+                    pending = Some(Run { guest, host: host_offset, length });
+                }
+            }
+            return Ok(());
+        }
+        if let Some(run) = pending.take() {
+            flush(run, &mut buffer)?;
+        }
+        match mapping {
+            Cluster::Unallocated | Cluster::Zero => output.write_zeros(guest, length).map_err(output_error)?,
+            Cluster::Compressed { host_offset, length: stored } => {
+                image.decompress(guest, host_offset, stored, &mut compressed, &mut cluster)?;
+                output.write_data(guest, &cluster[..length as usize]).map_err(output_error)?;
+            }
+            Cluster::Subclusters { host_offset, allocated } => {
+                let subcluster = image.subcluster_size();
+                for index in 0..32u64 {
+                    let start = index * subcluster;
+                    if start >= length {
+                        break;
+                    }
+                    let size = subcluster.min(length - start);
+                    if allocated & (1 << index) != 0 {
+                        let data = &mut cluster[..size as usize];
+                        source.read_exact_at(data, host_offset + start).map_err(ConverterError::Read)?;
+                        output.write_data(guest + start, data).map_err(output_error)?;
+                    } else {
+                        output.write_zeros(guest + start, size).map_err(output_error)?;
+                    }
+                }
+            }
+            Cluster::Data { .. } => {}
+        }
+        Ok(())
+    })?;
+    if let Some(run) = pending.take() {
+        flush(run, &mut buffer)?;
+    }
+    output.finish().map_err(output_error)
+}
+
+/// Copies a raw source to `destination`, leaving zero blocks as holes.
+pub fn raw_to_raw(source: &dyn ReadAt, destination: &Path) -> Result<(), ConverterError> {
+    let size = source.size();
+    let output_error = |error| ConverterError::Output(destination.display().to_string(), error);
+    let output = RawOutput::create(destination, size).map_err(output_error)?;
+    let mut buffer = vec![0u8; MAX_RUN as usize];
+    let mut offset = 0;
+    while offset < size {
+        let length = (size - offset).min(MAX_RUN) as usize;
+        source.read_exact_at(&mut buffer[..length], offset).map_err(ConverterError::Read)?;
+        output.write_data(offset, &buffer[..length]).map_err(output_error)?;
+        offset += length as u64;
+    }
+    output.finish().map_err(output_error)
+}

@@ -1,0 +1,45 @@
+//! DVCR's native disk-image detection, validation and conversion.
+//!
+//! - [`detect`]: the format and compression wrapper of a file, from content.
+//! - [`qcow2`]: a checked qcow2 v2/v3 reader (zlib and zstd clusters,
+//!   extended L2, every cluster size).
+//! - [`convert`]: conversion to raw, sparse.
+//! - [`info`]: what `dvcr info` reports, with `qemu-img info`'s key names.
+
+pub mod convert;
+pub mod detect;
+pub mod info;
+pub mod output;
+pub mod qcow2;
+pub mod source;
+
+use std::io;
+
+/// Default limit on the virtual size of an image: 64 TiB.
+pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+
+/// What can go wrong in the converter.
+#[derive(Debug, thiserror::Error)]
+pub enum ConverterError {
+    /// The qcow2 image was refused or is corrupt.
+    #[error(transparent)]
+    Qcow2(#[from] qcow2::Qcow2Error),
+    /// The source could not be opened or read.
+    #[error("cannot read the source image: {0}")]
+    Read(io::Error),
+    /// The destination could not be written.
+    #[error("cannot write {0}: {1}")]
+    Output(String, io::Error),
+    /// The format is recognised but this operation does not handle it yet.
+    #[error("{format} images cannot be {operation} natively yet: convert it to qcow2 or raw with `qemu-img convert` first")]
+    Unsupported {
+        /// The detected format.
+        format: detect::ImageFormat,
+        /// What was asked.
+        operation: &'static str,
+    },
+    /// The file is compressed; unwrap it first.
+    #[error("the image is {0}-compressed: decompress it first (the importer unwraps it while streaming)")]
+    Compressed(detect::Compression),
+}
+

@@ -1,0 +1,89 @@
+//! Raw output: a sparse regular file, or a block device.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+
+/// Granularity of zero detection: all-zero blocks of this size are left as
+/// holes in a regular file, as `qemu-img convert` does by default.
+const ZERO_BLOCK: usize = 4096;
+const ZEROS: [u8; ZERO_BLOCK] = [0; ZERO_BLOCK];
+
+/// Where raw guest data is written.
+pub struct RawOutput {
+    file: File,
+    /// Holes read as zeros (a new regular file); otherwise zeros are written.
+    holes_are_zero: bool,
+}
+
+impl RawOutput {
+    /// Creates (or truncates) a regular file of `size` bytes, all holes, or
+    /// opens a block device of at least `size` bytes.
+    pub fn create(path: &Path, size: u64) -> io::Result<Self> {
+        let is_block_device = std::fs::metadata(path).is_ok_and(|metadata| metadata.file_type().is_block_device());
+        if is_block_device {
+            let file = OpenOptions::new().write(true).open(path)?;
+            let device_size = {
+                use std::io::Seek;
+                (&file).seek(io::SeekFrom::End(0))?
+            };
+            if device_size < size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("block device {} has {device_size} bytes, the image needs {size}", path.display()),
+                ));
+            }
+            return Ok(RawOutput { file, holes_are_zero: false });
+        }
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        file.set_len(size)?;
+        Ok(RawOutput { file, holes_are_zero: true })
+    }
+
+    /// Writes guest data at `offset`, leaving all-zero blocks as holes where
+    /// holes read as zeros.
+    pub fn write_data(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if !self.holes_are_zero {
+            return self.file.write_all_at(data, offset);
+        }
+        let mut run_start: Option<usize> = None;
+        let mut position = 0;
+        while position < data.len() {
+            let end = (position + ZERO_BLOCK).min(data.len());
+            let zero = data[position..end].iter().all(|byte| *byte == 0);
+            match (zero, run_start) {
+                (false, None) => run_start = Some(position),
+                (true, Some(start)) => {
+                    self.file.write_all_at(&data[start..position], offset + start as u64)?;
+                    run_start = None;
+                }
+                _ => {}
+            }
+            position = end;
+        }
+        if let Some(start) = run_start {
+            self.file.write_all_at(&data[start..], offset + start as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `length` bytes at `offset` read as zeros.
+    pub fn write_zeros(&self, offset: u64, length: u64) -> io::Result<()> {
+        if self.holes_are_zero {
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < length {
+            let step = (length - done).min(ZERO_BLOCK as u64) as usize;
+            self.file.write_all_at(&ZEROS[..step], offset + done)?;
+            done += step as u64;
+        }
+        Ok(())
+    }
+
+    /// Flushes the output to disk.
+    pub fn finish(self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}

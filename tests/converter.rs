@@ -1,0 +1,232 @@
+//! `dvcr info` and `dvcr convert` against qemu-img, on fixtures qemu-img
+//! builds at test time, and on hostile images crafted by hand.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::image::pseudo_random;
+use common::{require_tool, run, DVCR};
+use serde_json::Value;
+
+/// A raw disk with data, explicit zeros, holes and a partial last cluster.
+fn make_raw(directory: &Path) -> PathBuf {
+    let path = directory.join("source.raw");
+    let size: u64 = (24 << 20) + 3584;
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&pseudo_random(1 << 20, 1), 0).unwrap();
+    file.write_all_at(&vec![0u8; 2 << 20], 1 << 20).unwrap();
+    file.write_all_at(&pseudo_random(300_000, 2), 7 << 20).unwrap();
+    file.write_all_at(&pseudo_random(65_536, 3), 13 << 20).unwrap();
+    file.write_all_at(&pseudo_random(3584, 4), size - 3584).unwrap();
+    path
+}
+
+fn qemu_img(arguments: &[&str]) -> String {
+    run(Command::new(require_tool("qemu-img")).args(arguments))
+}
+
+fn qemu_info(path: &Path) -> Value {
+    serde_json::from_str(&qemu_img(&["info", "--output=json", &path.display().to_string()])).unwrap()
+}
+
+fn dvcr_info(path: &Path) -> Value {
+    serde_json::from_str(&run(Command::new(DVCR).args(["info", "--output", "json"]).arg(path))).unwrap()
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Converts `image` with both tools and compares: format, virtual size,
+/// bytes, and sparseness.
+fn compare_with_qemu(image: &Path, directory: &Path) {
+    let name = image.file_name().unwrap().to_string_lossy().into_owned();
+    let qemu = qemu_info(image);
+    let ours = dvcr_info(image);
+    assert_eq!(ours["format"], qemu["format"], "{name}: format");
+    assert_eq!(ours["virtual-size"], qemu["virtual-size"], "{name}: virtual size");
+    if qemu["format"] == "qcow2" {
+        assert_eq!(ours["cluster-size"], qemu["cluster-size"], "{name}: cluster size");
+    }
+    let expected = directory.join(format!("{name}.qemu.raw"));
+    let converted = directory.join(format!("{name}.dvcr.raw"));
+    qemu_img(&["convert", "-O", "raw", &image.display().to_string(), &expected.display().to_string()]);
+    run(Command::new(DVCR).arg("convert").arg(image).arg(&converted).args(["-O", "raw"]));
+    run(Command::new(require_tool("cmp")).arg(&expected).arg(&converted));
+    let (ours, theirs) = (allocated_bytes(&converted), allocated_bytes(&expected));
+    assert!(ours <= theirs + (64 << 10), "{name}: dvcr output allocates {ours} bytes, qemu-img's {theirs}");
+}
+
+#[test]
+fn qcow2_variants_agree_with_qemu_img() {
+    let directory = tempfile::tempdir().unwrap();
+    let raw = make_raw(directory.path());
+    let raw_text = raw.display().to_string();
+    let variants: &[(&str, &[&str])] = &[
+        ("v2.qcow2", &["-o", "compat=0.10"]),
+        ("v3.qcow2", &["-o", "compat=1.1"]),
+        ("c512.qcow2", &["-o", "cluster_size=512"]),
+        ("c2m.qcow2", &["-o", "cluster_size=2M"]),
+        ("zlib.qcow2", &["-c", "-o", "compression_type=zlib"]),
+        ("zstd.qcow2", &["-c", "-o", "compression_type=zstd"]),
+        ("zlib-v2.qcow2", &["-c", "-o", "compat=0.10"]),
+        ("zstd-c512.qcow2", &["-c", "-o", "compression_type=zstd,cluster_size=512"]),
+        ("extl2.qcow2", &["-o", "extended_l2=on,cluster_size=128k"]),
+        ("extl2-2m.qcow2", &["-o", "extended_l2=on,cluster_size=2M"]),
+        ("extl2-zstd.qcow2", &["-c", "-o", "extended_l2=on,compression_type=zstd"]),
+    ];
+    for (name, options) in variants {
+        let image = directory.path().join(name);
+        let mut arguments = vec!["convert", "-O", "qcow2"];
+        arguments.extend_from_slice(options);
+        let image_text = image.display().to_string();
+        arguments.extend_from_slice(&[raw_text.as_str(), image_text.as_str()]);
+        qemu_img(&arguments);
+        compare_with_qemu(&image, directory.path());
+    }
+
+    // Preallocated metadata, explicit zero clusters and discarded ones.
+    let edited = directory.path().join("edited.qcow2");
+    let edited_text = edited.display().to_string();
+    qemu_img(&["create", "-f", "qcow2", "-o", "preallocation=metadata", &edited_text, "16M"]);
+    let qemu_io = require_tool("qemu-io");
+    for command in [
+        "write -P 0xab 0 1M",
+        "write -z 512k 128k",
+        "write -P 0x5c 4M 64k",
+        "discard 4M 64k",
+        "write -P 0x11 15M 1M",
+        "write -z -u 15M 64k",
+    ] {
+        run(Command::new(&qemu_io).args(["-f", "qcow2", "-c", command, &edited_text]));
+    }
+    compare_with_qemu(&edited, directory.path());
+
+    // Subclusters written piecemeal in an extended-L2 image.
+    let partial = directory.path().join("partial-extl2.qcow2");
+    let partial_text = partial.display().to_string();
+    qemu_img(&["create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", &partial_text, "8M"]);
+    for command in ["write -P 0x21 2k 2k", "write -P 0x42 62k 2k", "write -z 4k 4k", "write -P 0x63 1M 6k"] {
+        run(Command::new(&qemu_io).args(["-f", "qcow2", "-c", command, &partial_text]));
+    }
+    compare_with_qemu(&partial, directory.path());
+}
+
+#[test]
+fn raw_and_iso_agree_with_qemu_img() {
+    let directory = tempfile::tempdir().unwrap();
+    let raw = make_raw(directory.path());
+    compare_with_qemu(&raw, directory.path());
+    let iso = directory.path().join("disc.iso");
+    let mut content = pseudo_random(1 << 20, 9);
+    content[0x8000..0x8800].fill(0);
+    content[0x8000] = 1;
+    content[0x8001..0x8006].copy_from_slice(b"CD001");
+    std::fs::write(&iso, &content).unwrap();
+    let info = dvcr_info(&iso);
+    assert_eq!(info["detected-format"], "iso");
+    compare_with_qemu(&iso, directory.path());
+}
+
+#[test]
+fn other_formats_are_detected_and_refused_by_name() {
+    let directory = tempfile::tempdir().unwrap();
+    let raw = make_raw(directory.path());
+    for (format, detected) in [("vmdk", "vmdk"), ("vpc", "vhd"), ("vhdx", "vhdx"), ("vdi", "vdi")] {
+        let image = directory.path().join(format!("disk.{format}"));
+        qemu_img(&["convert", "-O", format, &raw.display().to_string(), &image.display().to_string()]);
+        let info = dvcr_info(&image);
+        assert_eq!(info["detected-format"], detected, "{format}");
+        assert_eq!(info["format"], qemu_info(&image)["format"], "{format}");
+        let output = Command::new(DVCR).arg("convert").arg(&image).arg(directory.path().join("out.raw")).output().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{format}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&format!("{detected} images cannot be converted natively yet")), "{format}: {stderr}");
+    }
+}
+
+/// Runs `dvcr info` on a hostile file: it must fail cleanly (exit 1, not a
+/// panic's 101) with a message containing `expected`.
+fn refused(path: &Path, expected: &str) {
+    for command in ["info", "convert"] {
+        let mut invocation = Command::new(DVCR);
+        invocation.arg(command).arg(path);
+        if command == "convert" {
+            invocation.arg(path.with_extension("out"));
+        }
+        let output = invocation.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{command} {}: {stderr}", path.display());
+        assert!(stderr.contains(expected), "{command} {}: expected {expected:?} in {stderr}", path.display());
+    }
+}
+
+fn patch(source: &Path, target: &Path, offset: usize, bytes: &[u8]) {
+    let mut content = std::fs::read(source).unwrap();
+    content[offset..offset + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(target, content).unwrap();
+}
+
+#[test]
+fn hostile_qcow2_images_are_refused_with_their_reason() {
+    let directory = tempfile::tempdir().unwrap();
+    let at = |name: &str| directory.path().join(name);
+    let good = at("good.qcow2");
+    qemu_img(&["create", "-f", "qcow2", &good.display().to_string(), "64M"]);
+    run(Command::new(require_tool("qemu-io")).args(["-f", "qcow2", "-c", "write -P 1 0 1M", &good.display().to_string()]));
+
+    let backed = at("backed.qcow2");
+    qemu_img(&[
+        "create", "-f", "qcow2", "-F", "qcow2", "-b", &good.display().to_string(), &backed.display().to_string(),
+    ]);
+    refused(&backed, "has a backing file");
+    let header = std::fs::read(&good).unwrap();
+
+    patch(&good, &at("encrypted.qcow2"), 32, &1u32.to_be_bytes());
+    refused(&at("encrypted.qcow2"), "is encrypted");
+    patch(&good, &at("unknown-feature.qcow2"), 72, &(1u64 << 40).to_be_bytes());
+    refused(&at("unknown-feature.qcow2"), "unknown incompatible features");
+    patch(&good, &at("corrupt.qcow2"), 72, &2u64.to_be_bytes());
+    refused(&at("corrupt.qcow2"), "marked corrupt");
+    patch(&good, &at("external.qcow2"), 72, &4u64.to_be_bytes());
+    refused(&at("external.qcow2"), "external data file");
+    patch(&good, &at("cluster-bits.qcow2"), 20, &30u32.to_be_bytes());
+    refused(&at("cluster-bits.qcow2"), "cluster_bits 30 is out of range");
+    patch(&good, &at("huge-l1.qcow2"), 36, &u32::MAX.to_be_bytes());
+    refused(&at("huge-l1.qcow2"), "l1_size");
+    patch(&good, &at("small-l1.qcow2"), 24, &(1u64 << 44).to_be_bytes());
+    refused(&at("small-l1.qcow2"), "cannot map a virtual size");
+    patch(&good, &at("l1-past-end.qcow2"), 40, &(1u64 << 40).to_be_bytes());
+    refused(&at("l1-past-end.qcow2"), "the L1 table needs bytes up to");
+    patch(&good, &at("version.qcow2"), 4, &7u32.to_be_bytes());
+    refused(&at("version.qcow2"), "version 7 is not supported");
+    std::fs::write(at("truncated.qcow2"), &header[..50]).unwrap();
+    refused(&at("truncated.qcow2"), "truncated");
+
+    // An L2 entry pointing past the end of the file.
+    let l1_offset = u64::from_be_bytes(header[40..48].try_into().unwrap()) as usize;
+    let l2_offset = (u64::from_be_bytes(header[l1_offset..l1_offset + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let far = (1u64 << 63) | (1u64 << 45);
+    patch(&good, &at("data-past-end.qcow2"), l2_offset, &far.to_be_bytes());
+    refused(&at("data-past-end.qcow2"), "a data cluster needs bytes up to");
+
+    // A limit on the virtual size.
+    let output = Command::new(DVCR).args(["info", "--max-virtual-size", "1048576"]).arg(&good).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("above the limit"));
+}
+
+#[test]
+fn compressed_wrappers_are_named() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("disk.qcow2.gz");
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut encoder, b"QFI\xfbwhatever").unwrap();
+    std::fs::write(&path, encoder.finish().unwrap()).unwrap();
+    refused(&path, "gzip-compressed");
+}
