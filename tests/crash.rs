@@ -265,7 +265,13 @@ async fn kill_during_manifest_and_tag_writes_never_leaves_a_broken_tag() {
                 }
             })
         };
-        tokio::time::sleep(Duration::from_millis(150 + round * 37)).await;
+        // Kill once some tags exist, at a different moment each round.
+        let tags = storage.join(format!("docker/registry/v2/repositories/vi/ns/img{round}/_manifests/tags"));
+        wait_until(Duration::from_secs(60), || {
+            std::fs::read_dir(&tags).is_ok_and(|entries| entries.count() >= 2)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(round * 23)).await;
         server.kill9();
         pushing.await.unwrap();
         let server = Server::start(&storage);
