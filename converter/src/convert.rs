@@ -26,8 +26,8 @@ pub fn qcow2_to_raw(image: &Qcow2Image<'_>, destination: &Path) -> Result<(), Co
         .map_err(|error| ConverterError::Output(destination.display().to_string(), error))?;
     let source = image.source();
     let mut buffer = vec![0u8; MAX_RUN as usize];
-    let mut compressed = Vec::new();
     let mut cluster = vec![0u8; cluster_size as usize];
+    let mut batch: Vec<CompressedCluster> = Vec::with_capacity(COMPRESSED_BATCH);
     let mut pending: Option<Run> = None;
     let output_error = |error| ConverterError::Output(destination.display().to_string(), error);
 
@@ -58,11 +58,18 @@ pub fn qcow2_to_raw(image: &Qcow2Image<'_>, destination: &Path) -> Result<(), Co
         if let Some(run) = pending.take() {
             flush(run, &mut buffer)?;
         }
+        if !matches!(mapping, Cluster::Compressed { .. }) && !batch.is_empty() {
+            decompress_batch(image, &output, &batch, output_error)?;
+            batch.clear();
+        }
         match mapping {
             Cluster::Unallocated | Cluster::Zero => output.write_zeros(guest, length).map_err(output_error)?,
             Cluster::Compressed { host_offset, length: stored } => {
-                image.decompress(guest, host_offset, stored, &mut compressed, &mut cluster)?;
-                output.write_data(guest, &cluster[..length as usize]).map_err(output_error)?;
+                batch.push(CompressedCluster { guest, host_offset, stored, length });
+                if batch.len() == COMPRESSED_BATCH {
+                    decompress_batch(image, &output, &batch, output_error)?;
+                    batch.clear();
+                }
             }
             Cluster::Subclusters { host_offset, allocated } => {
                 let subcluster = image.subcluster_size();
@@ -88,7 +95,56 @@ pub fn qcow2_to_raw(image: &Qcow2Image<'_>, destination: &Path) -> Result<(), Co
     if let Some(run) = pending.take() {
         flush(run, &mut buffer)?;
     }
+    if !batch.is_empty() {
+        decompress_batch(image, &output, &batch, output_error)?;
+    }
     output.finish().map_err(output_error)
+}
+
+/// Compressed clusters decompressed together, across cores.
+const COMPRESSED_BATCH: usize = 256;
+
+/// One compressed guest cluster.
+struct CompressedCluster {
+    guest: u64,
+    host_offset: u64,
+    stored: u64,
+    length: u64,
+}
+
+/// Decompresses independent clusters on every core and writes each at its
+/// guest offset (positioned writes, so order does not matter).
+fn decompress_batch(
+    image: &Qcow2Image<'_>,
+    output: &RawOutput,
+    batch: &[CompressedCluster],
+    output_error: impl Fn(std::io::Error) -> ConverterError + Copy + Send,
+) -> Result<(), ConverterError> {
+    let cluster_size = image.header().cluster_size() as usize;
+    let workers = std::thread::available_parallelism().map_or(1, usize::from).min(batch.len()).max(1);
+    let per_worker = batch.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = batch
+            .chunks(per_worker)
+            .map(|part| {
+                scope.spawn(move || -> Result<(), ConverterError> {
+                    let (mut compressed, mut cluster) = (Vec::new(), vec![0u8; cluster_size]);
+                    for job in part {
+                        image.decompress(job.guest, job.host_offset, job.stored, &mut compressed, &mut cluster)?;
+                        output.write_data(job.guest, &cluster[..job.length as usize]).map_err(output_error)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            match handle.join() {
+                Ok(result) => result?,
+                Err(_) => return Err(ConverterError::Read(std::io::Error::other("a decompression thread panicked"))),
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Copies a raw source to `destination`, leaving zero blocks as holes.
