@@ -97,7 +97,9 @@ pub fn inspect(path: &Path, max_virtual_size: u64) -> Result<ImageInfo, Converte
             info.extended_l2 = Some(header.extended_l2);
         }
         ImageFormat::Raw | ImageFormat::Iso => info.virtual_size = Some(source.size()),
-        ImageFormat::Vmdk | ImageFormat::Vhd | ImageFormat::Vhdx | ImageFormat::Vdi => {}
+        ImageFormat::Vmdk | ImageFormat::Vhd | ImageFormat::Vhdx | ImageFormat::Vdi => {
+            info.virtual_size = crate::formats::virtual_size(format, &source)?;
+        }
     }
     Ok(info)
 }

@@ -8,6 +8,7 @@
 
 pub mod convert;
 pub mod detect;
+pub mod formats;
 pub mod info;
 pub mod output;
 pub mod qcow2;
@@ -37,6 +38,14 @@ pub enum ConverterError {
         format: detect::ImageFormat,
         /// What was asked.
         operation: &'static str,
+    },
+    /// A VMDK, VHD, VHDX or VDI header is inconsistent.
+    #[error("{format} image is malformed: {reason}")]
+    Malformed {
+        /// The detected format.
+        format: detect::ImageFormat,
+        /// What is wrong.
+        reason: String,
     },
     /// The file is compressed; unwrap it first.
     #[error("the image is {0}-compressed: decompress it first (the importer unwraps it while streaming)")]
