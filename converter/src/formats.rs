@@ -2,6 +2,7 @@
 //! VHD, VHDX and VDI. Every read is bounded and checked.
 
 use crate::detect::ImageFormat;
+use crate::endian::{be64, le32, le64};
 use crate::source::ReadAt;
 use crate::ConverterError;
 
@@ -18,21 +19,8 @@ fn read(source: &dyn ReadAt, format: ImageFormat, offset: u64, length: usize) ->
     Ok(buffer)
 }
 
-fn le32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
 
-fn le64(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(word)
-}
 
-fn be64(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_be_bytes(word)
-}
 
 /// The virtual size of a VMDK, VHD, VHDX or VDI image; `None` for a VMDK
 /// descriptor file (its extents live in other files).

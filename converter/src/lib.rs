@@ -8,6 +8,7 @@
 
 pub mod convert;
 pub mod detect;
+mod endian;
 pub mod formats;
 pub mod info;
 pub mod output;

@@ -12,6 +12,7 @@
 
 use std::io;
 
+use crate::endian::{be32, be64};
 use crate::source::ReadAt;
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -163,17 +164,7 @@ impl Header {
     }
 }
 
-fn be32(bytes: &[u8], at: usize) -> u32 {
-    let mut word = [0u8; 4];
-    word.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_be_bytes(word)
-}
 
-fn be64(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_be_bytes(word)
-}
 
 fn check_range(what: &'static str, offset: u64, length: u64, size: u64) -> Result<(), Qcow2Error> {
     match offset.checked_add(length) {
