@@ -101,6 +101,16 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     use dvcr_converter::detect::ImageFormat;
     use dvcr_converter::source::FileSource;
     let TargetFormat::Raw = args.output_format;
+    if let (Ok(source), Ok(destination)) = (std::fs::metadata(&args.source), std::fs::metadata(&args.destination)) {
+        use std::os::unix::fs::MetadataExt;
+        if (source.dev(), source.ino()) == (destination.dev(), destination.ino()) {
+            anyhow::bail!(
+                "{} and {} are the same file: converting in place would destroy the source",
+                args.source.display(),
+                args.destination.display()
+            );
+        }
+    }
     let file = std::fs::File::open(&args.source).with_context(|| format!("cannot open {}", args.source.display()))?;
     let source = FileSource::new(file).with_context(|| format!("cannot read {}", args.source.display()))?;
     let (wrapper, format) = dvcr_converter::info::detect_source(&source)?;

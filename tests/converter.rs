@@ -217,6 +217,13 @@ fn hostile_qcow2_images_are_refused_with_their_reason() {
     patch(&good, &at("data-past-end.qcow2"), l2_offset, &far.to_be_bytes());
     refused(&at("data-past-end.qcow2"), "a data cluster needs bytes up to");
 
+    // Converting onto the source itself is refused before anything is written.
+    let before = std::fs::read(&good).unwrap();
+    let output = Command::new(DVCR).arg("convert").arg(&good).arg(&good).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("are the same file"));
+    assert_eq!(std::fs::read(&good).unwrap(), before, "the source was changed");
+
     // A limit on the virtual size.
     let output = Command::new(DVCR).args(["info", "--max-virtual-size", "1048576"]).arg(&good).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
