@@ -184,6 +184,7 @@ async fn dispatch(store: &Store, request: Request) -> RegistryResult<Response> {
         None => return Err(RegistryError::not_found_route(request.uri().path())),
     };
     let method = request.method().clone();
+    let path = request.uri().path().to_string();
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => {
             let mut response = (StatusCode::OK, axum::Json(serde_json::json!({}))).into_response();
@@ -212,9 +213,7 @@ async fn dispatch(store: &Store, request: Request) -> RegistryResult<Response> {
         (Route::Referrers(name, digest), Method::GET) => {
             referrers(store, &name, &digest, &Query::from_request(&request)).await
         }
-        (route, method) => Err(RegistryError::unsupported(format!(
-            "method {method} is not allowed on {route:?}"
-        ))),
+        (_, method) => Err(RegistryError::unsupported(format!("method {method} is not allowed on {path}"))),
     }
 }
 
