@@ -98,41 +98,9 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
-    use dvcr_converter::detect::ImageFormat;
-    use dvcr_converter::source::FileSource;
     let TargetFormat::Raw = args.output_format;
-    if let (Ok(source), Ok(destination)) = (std::fs::metadata(&args.source), std::fs::metadata(&args.destination)) {
-        use std::os::unix::fs::MetadataExt;
-        if (source.dev(), source.ino()) == (destination.dev(), destination.ino()) {
-            anyhow::bail!(
-                "{} and {} are the same file: converting in place would destroy the source",
-                args.source.display(),
-                args.destination.display()
-            );
-        }
-    }
-    let file = std::fs::File::open(&args.source).with_context(|| format!("cannot open {}", args.source.display()))?;
-    let source = FileSource::new(file).with_context(|| format!("cannot read {}", args.source.display()))?;
-    let (wrapper, format) = dvcr_converter::info::detect_source(&source)?;
-    if let Some(compression) = wrapper {
-        return Err(dvcr_converter::ConverterError::Compressed(compression).into());
-    }
-    match format {
-        ImageFormat::Qcow2 => {
-            let image = dvcr_converter::qcow2::Qcow2Image::open(&source, args.max_virtual_size)
-                .with_context(|| format!("{} was refused", args.source.display()))?;
-            dvcr_converter::convert::qcow2_to_raw(&image, &args.destination)?;
-        }
-        ImageFormat::Raw | ImageFormat::Iso => dvcr_converter::convert::raw_to_raw(&source, &args.destination)?,
-        other => {
-            return Err(dvcr_converter::ConverterError::Unsupported {
-                format: other,
-                operation: "converted",
-            }
-            .into())
-        }
-    }
-    Ok(())
+    dvcr_converter::convert::convert_file(&args.source, &args.destination, args.max_virtual_size)
+        .with_context(|| format!("cannot convert {}", args.source.display()))
 }
 
 #[derive(clap::Args)]

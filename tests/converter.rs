@@ -221,7 +221,7 @@ fn hostile_qcow2_images_are_refused_with_their_reason() {
     let before = std::fs::read(&good).unwrap();
     let output = Command::new(DVCR).arg("convert").arg(&good).arg(&good).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("are the same file"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("both the source and the destination"));
     assert_eq!(std::fs::read(&good).unwrap(), before, "the source was changed");
 
     // A limit on the virtual size.
@@ -230,12 +230,84 @@ fn hostile_qcow2_images_are_refused_with_their_reason() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("above the limit"));
 }
 
+fn wrap(path: &Path, wrapper: &str) -> PathBuf {
+    let data = std::fs::read(path).unwrap();
+    let packed: Vec<u8> = match wrapper {
+        "gz" => {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut encoder, &data).unwrap();
+            encoder.finish().unwrap()
+        }
+        "xz" => {
+            let mut encoder = xz2::write::XzEncoder::new(Vec::new(), 1);
+            std::io::Write::write_all(&mut encoder, &data).unwrap();
+            encoder.finish().unwrap()
+        }
+        "zst" => zstd::encode_all(data.as_slice(), 1).unwrap(),
+        "bz2" => {
+            let mut encoder = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            std::io::Write::write_all(&mut encoder, &data).unwrap();
+            encoder.finish().unwrap()
+        }
+        other => panic!("unknown wrapper {other}"),
+    };
+    let wrapped = PathBuf::from(format!("{}.{wrapper}", path.display()));
+    std::fs::write(&wrapped, packed).unwrap();
+    wrapped
+}
+
 #[test]
-fn compressed_wrappers_are_named() {
+fn wrapped_images_are_unpacked_and_agree_with_qemu_img() {
     let directory = tempfile::tempdir().unwrap();
-    let path = directory.path().join("disk.qcow2.gz");
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut encoder, b"QFI\xfbwhatever").unwrap();
-    std::fs::write(&path, encoder.finish().unwrap()).unwrap();
-    refused(&path, "gzip-compressed");
+    let raw = make_raw(directory.path());
+    let qcow2 = directory.path().join("inner.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", &raw.display().to_string(), &qcow2.display().to_string()]);
+    let expected = directory.path().join("expected.raw");
+    qemu_img(&["convert", "-O", "raw", &raw.display().to_string(), &expected.display().to_string()]);
+    for (inner, format) in [(&raw, "raw"), (&qcow2, "qcow2")] {
+        let qemu = qemu_info(inner);
+        for (wrapper, name) in [("gz", "gzip"), ("xz", "xz"), ("zst", "zstd"), ("bz2", "bzip2")] {
+            let wrapped = wrap(inner, wrapper);
+            let info = dvcr_info(&wrapped);
+            assert_eq!(info["wrapper"], name, "{format}.{wrapper}");
+            assert_eq!(info["format"], format, "{format}.{wrapper}");
+            assert_eq!(info["virtual-size"], qemu["virtual-size"], "{format}.{wrapper}");
+            let converted = directory.path().join(format!("{format}-{wrapper}.raw"));
+            run(Command::new(DVCR).arg("convert").arg(&wrapped).arg(&converted));
+            run(Command::new(require_tool("cmp")).arg(&expected).arg(&converted));
+            assert!(allocated_bytes(&converted) <= allocated_bytes(&expected) + (64 << 10), "{format}.{wrapper}: not sparse");
+            let leftovers: Vec<_> = std::fs::read_dir(directory.path())
+                .unwrap()
+                .flatten()
+                .filter(|entry| entry.file_name().to_string_lossy().contains("dvcr-unpacked"))
+                .collect();
+            assert!(leftovers.is_empty(), "scratch file left behind");
+        }
+    }
+}
+
+#[test]
+fn compression_bombs_stop_at_the_limit_and_leave_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let zeros = directory.path().join("zeros.raw");
+    std::fs::write(&zeros, vec![0u8; 64 << 20]).unwrap();
+    for wrapper in ["gz", "xz", "zst", "bz2"] {
+        let bomb = wrap(&zeros, wrapper);
+        let destination = directory.path().join(format!("bomb-{wrapper}.raw"));
+        for command in ["info", "convert"] {
+            let mut invocation = Command::new(DVCR);
+            invocation.args([command, "--max-virtual-size", "8388608"]).arg(&bomb);
+            if command == "convert" {
+                invocation.arg(&destination);
+            }
+            let output = invocation.output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(1), "{command} {wrapper}: {stderr}");
+            assert!(stderr.contains("more than the limit of 8388608 bytes"), "{command} {wrapper}: {stderr}");
+        }
+        assert!(!destination.exists(), "{wrapper}: a partial output was left");
+    }
+    let corrupt = directory.path().join("corrupt.gz");
+    std::fs::write(&corrupt, b"\x1f\x8b\x08\x00garbage that is not deflate").unwrap();
+    refused(&corrupt, "gzip stream is corrupt");
 }

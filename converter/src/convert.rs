@@ -1,6 +1,12 @@
 //! Conversion to raw.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::detect::{Compression, ImageFormat};
+use crate::source::FileSource;
+use crate::unwrap;
 
 use crate::output::RawOutput;
 use crate::qcow2::{Cluster, Qcow2Image};
@@ -22,7 +28,7 @@ pub fn qcow2_to_raw(image: &Qcow2Image<'_>, destination: &Path) -> Result<(), Co
     let header = image.header();
     let cluster_size = header.cluster_size();
     let virtual_size = header.virtual_size;
-    let output = RawOutput::create(destination, virtual_size)
+    let output = RawOutput::create(destination, Some(virtual_size))
         .map_err(|error| ConverterError::Output(destination.display().to_string(), error))?;
     let source = image.source();
     let mut buffer = vec![0u8; MAX_RUN as usize];
@@ -98,7 +104,7 @@ pub fn qcow2_to_raw(image: &Qcow2Image<'_>, destination: &Path) -> Result<(), Co
     if !batch.is_empty() {
         decompress_batch(image, &output, &batch, output_error)?;
     }
-    output.finish().map_err(output_error)
+    output.finish(None).map_err(output_error)
 }
 
 /// Compressed clusters decompressed together, across cores.
@@ -151,7 +157,7 @@ fn decompress_batch(
 pub fn raw_to_raw(source: &dyn ReadAt, destination: &Path) -> Result<(), ConverterError> {
     let size = source.size();
     let output_error = |error| ConverterError::Output(destination.display().to_string(), error);
-    let output = RawOutput::create(destination, size).map_err(output_error)?;
+    let output = RawOutput::create(destination, Some(size)).map_err(output_error)?;
     let mut buffer = vec![0u8; MAX_RUN as usize];
     let mut offset = 0;
     while offset < size {
@@ -160,5 +166,106 @@ pub fn raw_to_raw(source: &dyn ReadAt, destination: &Path) -> Result<(), Convert
         output.write_data(offset, &buffer[..length]).map_err(output_error)?;
         offset += length as u64;
     }
-    output.finish().map_err(output_error)
+    output.finish(None).map_err(output_error)
+}
+
+/// Converts the image at `source` to raw at `destination`: qcow2, raw and
+/// ISO natively, each also inside a gzip/xz/zstd/bzip2 wrapper (unpacked
+/// with its output bounded by `max_virtual_size`). Other formats are
+/// refused by name.
+pub fn convert_file(source: &Path, destination: &Path, max_virtual_size: u64) -> Result<(), ConverterError> {
+    refuse_same_file(source, destination)?;
+    let result = convert_checked(source, destination, max_virtual_size);
+    if result.is_err() {
+        // No half-written output stays behind (a block device is left as is).
+        let is_block_device = std::fs::metadata(destination).is_ok_and(|metadata| {
+            use std::os::unix::fs::FileTypeExt;
+            metadata.file_type().is_block_device()
+        });
+        if !is_block_device {
+            let _ = std::fs::remove_file(destination);
+        }
+    }
+    result
+}
+
+fn convert_checked(source: &Path, destination: &Path, max_virtual_size: u64) -> Result<(), ConverterError> {
+    let file = File::open(source).map_err(ConverterError::Read)?;
+    let file_source = FileSource::new(file).map_err(ConverterError::Read)?;
+    let (wrapper, format) = crate::info::detect_source(&file_source)?;
+    if let Some(compression) = wrapper {
+        return convert_wrapped(source, compression, destination, max_virtual_size);
+    }
+    match format {
+        ImageFormat::Qcow2 => qcow2_to_raw(&Qcow2Image::open(&file_source, max_virtual_size)?, destination),
+        ImageFormat::Raw | ImageFormat::Iso => raw_to_raw(&file_source, destination),
+        other => Err(ConverterError::Unsupported {
+            format: other,
+            operation: "converted",
+        }),
+    }
+}
+
+fn refuse_same_file(source: &Path, destination: &Path) -> Result<(), ConverterError> {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(from), Ok(to)) = (std::fs::metadata(source), std::fs::metadata(destination)) {
+        if (from.dev(), from.ino()) == (to.dev(), to.ino()) {
+            return Err(ConverterError::SameFile(destination.display().to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// A wrapped raw image streams straight to the destination; a wrapped
+/// qcow2 needs random access, so it is unpacked next to the destination
+/// first (bounded) and removed after.
+fn convert_wrapped(
+    source: &Path,
+    compression: Compression,
+    destination: &Path,
+    limit: u64,
+) -> Result<(), ConverterError> {
+    let open = || -> Result<unwrap::Bounded<Box<dyn Read>>, ConverterError> {
+        let file = File::open(source).map_err(ConverterError::Read)?;
+        unwrap::decoder(compression, std::io::BufReader::new(file), limit).map_err(ConverterError::Read)
+    };
+    let mut reader = open()?;
+    let mut head = vec![0u8; crate::detect::DETECT_HEAD_BYTES];
+    let length = unwrap::read_up_to(&mut reader, &mut head).map_err(ConverterError::Read)?;
+    head.truncate(length);
+    let format = crate::detect::detect_format(&head, None);
+    let output_error = |error| ConverterError::Output(destination.display().to_string(), error);
+    match format {
+        ImageFormat::Raw | ImageFormat::Iso => {
+            let output = RawOutput::create(destination, None).map_err(output_error)?;
+            output.write_data(0, &head).map_err(output_error)?;
+            let mut offset = head.len() as u64;
+            let mut buffer = vec![0u8; MAX_RUN as usize];
+            loop {
+                let read = unwrap::read_up_to(&mut reader, &mut buffer).map_err(ConverterError::Read)?;
+                if read == 0 {
+                    break;
+                }
+                output.write_data(offset, &buffer[..read]).map_err(output_error)?;
+                offset += read as u64;
+            }
+            output.finish(Some(offset)).map_err(output_error)
+        }
+        _ => {
+            let scratch = scratch_path(destination);
+            let unpacked = (|| {
+                let mut file = File::create(&scratch).map_err(output_error)?;
+                let mut reader = open()?;
+                std::io::copy(&mut reader, &mut file).map_err(ConverterError::Read)?;
+                convert_checked(&scratch, destination, limit)
+            })();
+            let _ = std::fs::remove_file(&scratch);
+            unpacked
+        }
+    }
+}
+
+fn scratch_path(destination: &Path) -> PathBuf {
+    let name = destination.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    destination.with_file_name(format!(".{name}.dvcr-unpacked-{}", std::process::id()))
 }

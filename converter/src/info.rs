@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use crate::detect::{self, Compression, ImageFormat};
 use crate::qcow2::Qcow2Image;
-use crate::source::{FileSource, ReadAt};
+use crate::source::{FileSource, ReadAt, StreamSummary};
+use crate::unwrap;
 use crate::ConverterError;
 
 /// Facts about one image file.
@@ -62,12 +63,48 @@ pub fn detect_source(source: &dyn ReadAt) -> Result<(Option<Compression>, ImageF
     Ok((None, detect::detect_format(&head, footer)))
 }
 
-/// Inspects the image at `path`; qcow2 images are fully checked.
+/// Bytes of an unpacked stream kept for inspection.
+const KEEP_HEAD: usize = 4 << 20;
+const KEEP_TAIL: usize = 512;
+
+/// Unpacks a wrapped image in one bounded pass, keeping its head and tail.
+pub fn summarize_wrapped(path: &Path, compression: Compression, limit: u64) -> Result<StreamSummary, ConverterError> {
+    let file = File::open(path).map_err(ConverterError::Read)?;
+    let mut reader = unwrap::decoder(compression, std::io::BufReader::new(file), limit).map_err(ConverterError::Read)?;
+    let mut head = vec![0u8; KEEP_HEAD];
+    let length = unwrap::read_up_to(&mut reader, &mut head).map_err(ConverterError::Read)?;
+    head.truncate(length);
+    let mut tail = head[head.len().saturating_sub(KEEP_TAIL)..].to_vec();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let read = unwrap::read_up_to(&mut reader, &mut chunk).map_err(ConverterError::Read)?;
+        if read == 0 {
+            break;
+        }
+        tail.extend_from_slice(&chunk[..read]);
+        let excess = tail.len().saturating_sub(KEEP_TAIL);
+        tail.drain(..excess);
+    }
+    Ok(StreamSummary { head, tail, size: reader.produced() })
+}
+
+/// Inspects the image at `path`; qcow2 images are fully checked. A wrapped
+/// image is unpacked once (bounded by `max_virtual_size`) and described
+/// from its header; its qcow2 clusters are not scanned.
 pub fn inspect(path: &Path, max_virtual_size: u64) -> Result<ImageInfo, ConverterError> {
     let file = File::open(path).map_err(ConverterError::Read)?;
     let actual_size = file.metadata().map_err(ConverterError::Read)?.blocks() * 512;
-    let source = FileSource::new(file).map_err(ConverterError::Read)?;
-    let (wrapper, format) = detect_source(&source)?;
+    let file_source = FileSource::new(file).map_err(ConverterError::Read)?;
+    let (wrapper, _) = detect_source(&file_source)?;
+    let summary;
+    let source: &dyn ReadAt = match wrapper {
+        Some(compression) => {
+            summary = summarize_wrapped(path, compression, max_virtual_size)?;
+            &summary
+        }
+        None => &file_source,
+    };
+    let (_, format) = detect_source(source)?;
     let mut info = ImageInfo {
         filename: path.display().to_string(),
         format: format.qemu_name().to_string(),
@@ -80,26 +117,25 @@ pub fn inspect(path: &Path, max_virtual_size: u64) -> Result<ImageInfo, Converte
         extended_l2: None,
         wrapper,
     };
-    if let Some(compression) = wrapper {
-        return Err(ConverterError::Compressed(compression));
-    }
     match format {
         ImageFormat::Qcow2 => {
-            let image = Qcow2Image::open(&source, max_virtual_size)?;
-            let header = image.header();
+            let header = match wrapper {
+                None => {
+                    let image = Qcow2Image::open(source, max_virtual_size)?;
+                    info.compressed = Some(image.has_compressed_clusters()?);
+                    image.header().clone()
+                }
+                Some(_) => crate::qcow2::read_header(source, max_virtual_size)?,
+            };
             info.virtual_size = Some(header.virtual_size);
             info.cluster_size = Some(header.cluster_size());
-            info.compressed = Some(image.has_compressed_clusters()?);
             info.compression_type = Some(match header.compression {
                 crate::qcow2::ClusterCompression::Zlib => "zlib",
                 crate::qcow2::ClusterCompression::Zstd => "zstd",
             });
             info.extended_l2 = Some(header.extended_l2);
         }
-        ImageFormat::Raw | ImageFormat::Iso => info.virtual_size = Some(source.size()),
-        ImageFormat::Vmdk | ImageFormat::Vhd | ImageFormat::Vhdx | ImageFormat::Vdi => {
-            info.virtual_size = crate::formats::virtual_size(format, &source)?;
-        }
+        _ => info.virtual_size = crate::formats::virtual_size(format, source)?,
     }
     Ok(info)
 }

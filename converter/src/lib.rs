@@ -14,6 +14,7 @@ pub mod info;
 pub mod output;
 pub mod qcow2;
 pub mod source;
+pub mod unwrap;
 
 use std::io;
 
@@ -48,8 +49,8 @@ pub enum ConverterError {
         /// What is wrong.
         reason: String,
     },
-    /// The file is compressed; unwrap it first.
-    #[error("the image is {0}-compressed: decompress it first (the importer unwraps it while streaming)")]
-    Compressed(detect::Compression),
+    /// The destination is the source itself.
+    #[error("{0} is both the source and the destination: converting in place would destroy the source")]
+    SameFile(String),
 }
 

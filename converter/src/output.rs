@@ -29,8 +29,12 @@ pub struct RawOutput {
 
 impl RawOutput {
     /// Creates (or truncates) a regular file of `size` bytes, all holes, or
-    /// opens a block device of at least `size` bytes.
-    pub fn create(path: &Path, size: u64) -> io::Result<Self> {
+    /// opens a block device of at least `size` bytes. With no size (a stream
+    /// of unknown length) the file starts empty and [`RawOutput::finish`]
+    /// sets its length.
+    pub fn create(path: &Path, size: Option<u64>) -> io::Result<Self> {
+        let size_known = size.is_some();
+        let size = size.unwrap_or(0);
         let is_block_device = std::fs::metadata(path).is_ok_and(|metadata| metadata.file_type().is_block_device());
         if is_block_device {
             let file = OpenOptions::new().write(true).open(path)?;
@@ -38,7 +42,7 @@ impl RawOutput {
                 use std::io::Seek;
                 (&file).seek(io::SeekFrom::End(0))?
             };
-            if device_size < size {
+            if size_known && device_size < size {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("block device {} has {device_size} bytes, the image needs {size}", path.display()),
@@ -126,8 +130,12 @@ impl RawOutput {
         Ok(())
     }
 
-    /// Flushes the output to disk.
-    pub fn finish(self) -> io::Result<()> {
+    /// Sets the final length of a regular file (when it was unknown at
+    /// creation) and flushes the output to disk.
+    pub fn finish(self, final_size: Option<u64>) -> io::Result<()> {
+        if let (true, Some(size)) = (self.holes_are_zero, final_size) {
+            self.file.set_len(size)?;
+        }
         self.file.sync_all()
     }
 }

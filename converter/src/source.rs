@@ -57,3 +57,38 @@ impl ReadAt for Vec<u8> {
         self.len() as u64
     }
 }
+
+/// What is known of an unpacked stream without keeping it: its first bytes,
+/// its last bytes and its length. Reads elsewhere fail.
+pub struct StreamSummary {
+    /// The first bytes.
+    pub head: Vec<u8>,
+    /// The last bytes.
+    pub tail: Vec<u8>,
+    /// Total length.
+    pub size: u64,
+}
+
+impl ReadAt for StreamSummary {
+    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset.saturating_add(buffer.len() as u64);
+        if end <= self.head.len() as u64 {
+            buffer.copy_from_slice(&self.head[offset as usize..end as usize]);
+            return Ok(());
+        }
+        let tail_start = self.size - self.tail.len() as u64;
+        if offset >= tail_start && end <= self.size {
+            let at = (offset - tail_start) as usize;
+            buffer.copy_from_slice(&self.tail[at..at + buffer.len()]);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("offset {offset:#x} of a compressed image is past the part read for inspection"),
+        ))
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
