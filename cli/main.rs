@@ -33,7 +33,7 @@ enum Command {
     Serve(ServeArgs),
     /// Detect and check a disk image and report its format and sizes.
     Info(InfoArgs),
-    /// Convert a disk image (qcow2, raw, iso) to raw.
+    /// Convert a disk image: qcow2, raw or iso (also gz/xz/zst/bz2-wrapped) to raw, or raw to qcow2.
     Convert(ConvertArgs),
 }
 
@@ -58,6 +58,7 @@ struct InfoArgs {
 #[derive(Clone, Copy, ValueEnum)]
 enum TargetFormat {
     Raw,
+    Qcow2,
 }
 
 #[derive(clap::Args)]
@@ -98,8 +99,11 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
-    let TargetFormat::Raw = args.output_format;
-    dvcr_converter::convert::convert_file(&args.source, &args.destination, args.max_virtual_size)
+    let output_format = match args.output_format {
+        TargetFormat::Raw => dvcr_converter::OutputFormat::Raw,
+        TargetFormat::Qcow2 => dvcr_converter::OutputFormat::Qcow2,
+    };
+    dvcr_converter::convert::convert_file(&args.source, &args.destination, output_format, args.max_virtual_size)
         .with_context(|| format!("cannot convert {}", args.source.display()))
 }
 

@@ -311,3 +311,61 @@ fn compression_bombs_stop_at_the_limit_and_leave_nothing() {
     std::fs::write(&corrupt, b"\x1f\x8b\x08\x00garbage that is not deflate").unwrap();
     refused(&corrupt, "gzip stream is corrupt");
 }
+
+#[test]
+fn raw_to_qcow2_passes_qemu_img_check_and_converts_back_identical() {
+    let directory = tempfile::tempdir().unwrap();
+    let raw = make_raw(directory.path());
+    let qcow2 = directory.path().join("written.qcow2");
+    run(Command::new(DVCR).arg("convert").arg(&raw).arg(&qcow2).args(["-O", "qcow2"]));
+    let check = Command::new(require_tool("qemu-img"))
+        .args(["check", "--output=json"])
+        .arg(&qcow2)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap_or(Value::Null);
+    assert!(
+        check.status.success(),
+        "qemu-img check failed: {report}\n{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // qemu-img leaves out the counters that are zero.
+    assert_eq!(report["check-errors"], 0, "{report}");
+    for counter in ["corruptions", "leaks", "corruptions-fixed", "leaks-fixed"] {
+        assert!(report[counter].is_null() || report[counter] == 0, "{counter}: {report}");
+    }
+    assert!(report["allocated-clusters"].as_u64().unwrap() > 0, "{report}");
+    let info = qemu_info(&qcow2);
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], std::fs::metadata(&raw).unwrap().len());
+    // Back to raw with qemu-img and with dvcr: both identical to the source.
+    let by_qemu = directory.path().join("by-qemu.raw");
+    qemu_img(&["convert", "-O", "raw", &qcow2.display().to_string(), &by_qemu.display().to_string()]);
+    run(Command::new(require_tool("cmp")).arg(&raw).arg(&by_qemu));
+    let by_dvcr = directory.path().join("by-dvcr.raw");
+    run(Command::new(DVCR).arg("convert").arg(&qcow2).arg(&by_dvcr));
+    run(Command::new(require_tool("cmp")).arg(&raw).arg(&by_dvcr));
+    // Only the allocated data takes room: about 1.4 MiB of the 24 MiB disk.
+    assert!(allocated_bytes(&qcow2) < 4 << 20, "qcow2 output is not sparse: {}", allocated_bytes(&qcow2));
+    // A qcow2 source for qcow2 output is refused by name.
+    let output = Command::new(DVCR).arg("convert").arg(&qcow2).arg(directory.path().join("x.qcow2")).args(["-O", "qcow2"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("the source is a qcow2 image"));
+}
+
+#[test]
+fn raw_to_qcow2_spanning_several_l2_tables() {
+    let directory = tempfile::tempdir().unwrap();
+    let raw = directory.path().join("wide.raw");
+    let file = std::fs::File::create(&raw).unwrap();
+    file.set_len((1536 << 20) + 512).unwrap();
+    use std::os::unix::fs::FileExt;
+    for (index, offset) in [0u64, 600 << 20, (1536 << 20) - 80_000].into_iter().enumerate() {
+        file.write_all_at(&pseudo_random(70_000, 20 + index as u64), offset).unwrap();
+    }
+    let qcow2 = directory.path().join("wide.qcow2");
+    run(Command::new(DVCR).arg("convert").arg(&raw).arg(&qcow2).args(["-O", "qcow2"]));
+    qemu_img(&["check", &qcow2.display().to_string()]);
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", &raw.display().to_string(), &qcow2.display().to_string()]);
+    assert_eq!(dvcr_info(&qcow2)["virtual-size"], (1536u64 << 20) + 512);
+}

@@ -5,6 +5,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::detect::{Compression, ImageFormat};
+use crate::OutputFormat;
 use crate::source::FileSource;
 use crate::unwrap;
 
@@ -173,9 +174,17 @@ pub fn raw_to_raw(source: &dyn ReadAt, destination: &Path) -> Result<(), Convert
 /// ISO natively, each also inside a gzip/xz/zstd/bzip2 wrapper (unpacked
 /// with its output bounded by `max_virtual_size`). Other formats are
 /// refused by name.
-pub fn convert_file(source: &Path, destination: &Path, max_virtual_size: u64) -> Result<(), ConverterError> {
+pub fn convert_file(
+    source: &Path,
+    destination: &Path,
+    output_format: OutputFormat,
+    max_virtual_size: u64,
+) -> Result<(), ConverterError> {
     refuse_same_file(source, destination)?;
-    let result = convert_checked(source, destination, max_virtual_size);
+    let result = match output_format {
+        OutputFormat::Raw => convert_checked(source, destination, max_virtual_size),
+        OutputFormat::Qcow2 => to_qcow2(source, destination),
+    };
     if result.is_err() {
         // No half-written output stays behind (a block device is left as is).
         let is_block_device = std::fs::metadata(destination).is_ok_and(|metadata| {
@@ -203,6 +212,17 @@ fn convert_checked(source: &Path, destination: &Path, max_virtual_size: u64) -> 
             format: other,
             operation: "converted",
         }),
+    }
+}
+
+/// qcow2 output is written from a raw (or ISO) file.
+fn to_qcow2(source: &Path, destination: &Path) -> Result<(), ConverterError> {
+    let file = File::open(source).map_err(ConverterError::Read)?;
+    let file_source = FileSource::new(file).map_err(ConverterError::Read)?;
+    match crate::info::detect_source(&file_source)? {
+        (None, ImageFormat::Raw | ImageFormat::Iso) => crate::qcow2_writer::raw_to_qcow2(&file_source, destination),
+        (Some(compression), _) => Err(ConverterError::QcowOutputSource(format!("a {compression}-compressed file"))),
+        (None, format) => Err(ConverterError::QcowOutputSource(format!("a {format} image"))),
     }
 }
 

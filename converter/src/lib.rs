@@ -13,10 +13,20 @@ pub mod formats;
 pub mod info;
 pub mod output;
 pub mod qcow2;
+pub mod qcow2_writer;
 pub mod source;
 pub mod unwrap;
 
 use std::io;
+
+/// What `dvcr convert` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// A raw disk, sparse.
+    Raw,
+    /// qcow2 v3, 64 KiB clusters, uncompressed.
+    Qcow2,
+}
 
 /// Default limit on the virtual size of an image: 64 TiB.
 pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 64 << 40;
@@ -49,6 +59,9 @@ pub enum ConverterError {
         /// What is wrong.
         reason: String,
     },
+    /// qcow2 output from something other than a raw file.
+    #[error("qcow2 output is written from raw or ISO files, and the source is {0}: convert it to raw first")]
+    QcowOutputSource(String),
     /// The destination is the source itself.
     #[error("{0} is both the source and the destination: converting in place would destroy the source")]
     SameFile(String),
