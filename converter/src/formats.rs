@@ -58,7 +58,13 @@ pub fn virtual_size(format: ImageFormat, source: &dyn ReadAt) -> Result<Option<u
 /// creator rounds to it (as qemu reads them).
 fn vhd_size(source: &dyn ReadAt) -> Result<u64, ConverterError> {
     let format = ImageFormat::Vhd;
-    let head = read(source, format, 0, 512.min(source.size() as usize))?;
+    if source.size() < 512 {
+        return Err(ConverterError::Malformed {
+            format,
+            reason: format!("{} bytes is shorter than a VHD footer (512 bytes)", source.size()),
+        });
+    }
+    let head = read(source, format, 0, 512)?;
     let footer = if head.starts_with(b"conectix") {
         head
     } else {
@@ -124,4 +130,28 @@ fn vhdx_size(source: &dyn ReadAt) -> Result<u64, ConverterError> {
         }
     }
     Err(malformed("the metadata region has no virtual disk size item".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `cargo fuzz run detect`: a 12-byte `conectix...` file made
+    /// the footer read index past the end.
+    #[test]
+    fn short_vhd_is_an_error_not_a_panic() {
+        let short = b"conectix\x47\x83\xed\x27".to_vec();
+        assert!(matches!(virtual_size(ImageFormat::Vhd, &short), Err(ConverterError::Malformed { .. })));
+        for format in [ImageFormat::Vmdk, ImageFormat::Vhd, ImageFormat::Vhdx, ImageFormat::Vdi] {
+            for length in 0..600 {
+                let mut data = vec![0u8; length];
+                for (at, magic) in [(0usize, &b"conectix"[..]), (0, b"KDMV"), (0, b"vhdxfile")] {
+                    if length >= at + magic.len() {
+                        data[at..at + magic.len()].copy_from_slice(magic);
+                    }
+                }
+                let _ = virtual_size(format, &data);
+            }
+        }
+    }
 }
