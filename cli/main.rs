@@ -77,7 +77,7 @@ struct ConvertArgs {
 
 fn info(args: InfoArgs) -> anyhow::Result<()> {
     let info = dvcr_converter::info::inspect(&args.file, args.max_virtual_size)
-        .with_context(|| format!("{} was refused", args.file.display()))?;
+        .with_context(|| format!("cannot inspect {}", args.file.display()))?;
     match args.output {
         InfoOutput::Json => println!("{}", serde_json::to_string_pretty(&info)?),
         InfoOutput::Human => {
@@ -168,26 +168,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("server failed")
 }
 
+/// Runs the registry on a multi-threaded runtime; the other subcommands
+/// need none.
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("dvcr: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
         Some(Command::Info(args)) => info(args),
         Some(Command::Convert(args)) => convert(args),
-        Some(Command::Serve(args)) => runtime.block_on(serve(args)),
-        None => runtime.block_on(serve(ServeArgs::parse_defaults())),
+        Some(Command::Serve(args)) => run_serve(args),
+        None => run_serve(ServeArgs::parse_defaults()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
             eprintln!("dvcr: {error:#}");
             ExitCode::FAILURE
         }
