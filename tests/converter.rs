@@ -46,8 +46,16 @@ fn allocated_bytes(path: &Path) -> u64 {
 /// bytes, and sparseness.
 fn compare_with_qemu(image: &Path, directory: &Path) {
     let name = image.file_name().unwrap().to_string_lossy().into_owned();
-    let qemu = qemu_info(image);
+    let mut qemu = qemu_info(image);
     let ours = dvcr_info(image);
+    let mut qemu_format = Vec::new();
+    if ours["format"] == "vpc" && qemu["format"] == "raw" {
+        // qemu probes only the start of a file, so it takes a fixed VHD
+        // (its footer is at the end) for raw; we read the footer.
+        qemu_format = vec!["-f".to_string(), "vpc".to_string()];
+        let text = qemu_img(&["info", "--output=json", "-f", "vpc", &image.display().to_string()]);
+        qemu = serde_json::from_str(&text).unwrap();
+    }
     assert_eq!(ours["format"], qemu["format"], "{name}: format");
     assert_eq!(ours["virtual-size"], qemu["virtual-size"], "{name}: virtual size");
     if qemu["format"] == "qcow2" {
@@ -55,7 +63,12 @@ fn compare_with_qemu(image: &Path, directory: &Path) {
     }
     let expected = directory.join(format!("{name}.qemu.raw"));
     let converted = directory.join(format!("{name}.dvcr.raw"));
-    qemu_img(&["convert", "-O", "raw", &image.display().to_string(), &expected.display().to_string()]);
+    run(Command::new(require_tool("qemu-img"))
+        .arg("convert")
+        .args(&qemu_format)
+        .args(["-O", "raw"])
+        .arg(image)
+        .arg(&expected));
     run(Command::new(DVCR).arg("convert").arg(image).arg(&converted).args(["-O", "raw"]));
     run(Command::new(require_tool("cmp")).arg(&expected).arg(&converted));
     let (ours, theirs) = (allocated_bytes(&converted), allocated_bytes(&expected));
@@ -133,23 +146,152 @@ fn raw_and_iso_agree_with_qemu_img() {
     compare_with_qemu(&iso, directory.path());
 }
 
+/// VMDK, VHD and VDI variants qemu-img makes from the same raw disk.
+const OTHER_FORMATS: &[(&str, &str, &[&str])] = &[
+    ("monolithic.vmdk", "vmdk", &[]),
+    ("stream.vmdk", "vmdk", &["-o", "subformat=streamOptimized"]),
+    ("zeroed-grain.vmdk", "vmdk", &["-o", "zeroed_grain=on"]),
+    ("dynamic.vhd", "vpc", &[]),
+    ("fixed.vhd", "vpc", &["-o", "subformat=fixed"]),
+    ("force-size.vhd", "vpc", &["-o", "force_size=on"]),
+    ("dynamic.vdi", "vdi", &[]),
+    ("static.vdi", "vdi", &["-o", "static=on"]),
+];
+
+fn make_other_format(raw: &Path, directory: &Path, name: &str, format: &str, options: &[&str]) -> PathBuf {
+    let image = directory.join(name);
+    let mut arguments = vec!["convert", "-O", format];
+    arguments.extend_from_slice(options);
+    let (raw_text, image_text) = (raw.display().to_string(), image.display().to_string());
+    arguments.extend_from_slice(&[raw_text.as_str(), image_text.as_str()]);
+    qemu_img(&arguments);
+    image
+}
+
 #[test]
-fn other_formats_are_detected_and_refused_by_name() {
+fn vmdk_vhd_and_vdi_agree_with_qemu_img() {
     let directory = tempfile::tempdir().unwrap();
     let raw = make_raw(directory.path());
-    for (format, detected) in [("vmdk", "vmdk"), ("vpc", "vhd"), ("vhdx", "vhdx"), ("vdi", "vdi")] {
-        let image = directory.path().join(format!("disk.{format}"));
-        qemu_img(&["convert", "-O", format, &raw.display().to_string(), &image.display().to_string()]);
-        let info = dvcr_info(&image);
-        assert_eq!(info["detected-format"], detected, "{format}");
-        let qemu = qemu_info(&image);
-        assert_eq!(info["format"], qemu["format"], "{format}");
-        assert_eq!(info["virtual-size"], qemu["virtual-size"], "{format}: virtual size");
-        let output = Command::new(DVCR).arg("convert").arg(&image).arg(directory.path().join("out.raw")).output().unwrap();
-        assert_eq!(output.status.code(), Some(1), "{format}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(&format!("{detected} images cannot be converted natively yet")), "{format}: {stderr}");
+    for (name, format, options) in OTHER_FORMATS {
+        let image = make_other_format(&raw, directory.path(), name, format, options);
+        compare_with_qemu(&image, directory.path());
     }
+    // A streamOptimized VMDK as VMware writes it: the header says the grain
+    // directory is at the end, and a footer says where.
+    let stream = directory.path().join("stream.vmdk");
+    let mut content = std::fs::read(&stream).unwrap();
+    let header: Vec<u8> = content[..512].to_vec();
+    content[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut footer_marker = vec![0u8; 512];
+    footer_marker[12..16].copy_from_slice(&3u32.to_le_bytes());
+    content.extend_from_slice(&footer_marker);
+    content.extend_from_slice(&header);
+    content.extend_from_slice(&[0u8; 512]);
+    let footer = directory.path().join("footer.vmdk");
+    std::fs::write(&footer, content).unwrap();
+    compare_with_qemu(&footer, directory.path());
+
+    // Written piecemeal: unallocated grains and blocks between data, and a
+    // zeroed grain.
+    let qemu_io = require_tool("qemu-io");
+    for (name, format, options) in [
+        ("edited.vmdk", "vmdk", "zeroed_grain=on"),
+        ("edited.vhd", "vpc", "subformat=dynamic"),
+        ("edited.vdi", "vdi", "static=off"),
+    ] {
+        let image = directory.path().join(name);
+        let text = image.display().to_string();
+        qemu_img(&["create", "-f", format, "-o", options, &text, "40M"]);
+        for command in ["write -P 0xab 0 100k", "write -P 0x5c 5M 1M", "write -z 5M 64k", "write -P 0x11 39M 1M"] {
+            run(Command::new(&qemu_io).args(["-f", format, "-c", command, &text]));
+        }
+        compare_with_qemu(&image, directory.path());
+    }
+}
+
+#[test]
+fn vhdx_is_detected_and_refused_by_name() {
+    let directory = tempfile::tempdir().unwrap();
+    let raw = make_raw(directory.path());
+    let image = make_other_format(&raw, directory.path(), "disk.vhdx", "vhdx", &[]);
+    let info = dvcr_info(&image);
+    assert_eq!(info["detected-format"], "vhdx");
+    let qemu = qemu_info(&image);
+    assert_eq!(info["format"], qemu["format"]);
+    assert_eq!(info["virtual-size"], qemu["virtual-size"]);
+    let output = Command::new(DVCR).arg("convert").arg(&image).arg(directory.path().join("out.raw")).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("vhdx images cannot be converted natively yet"), "{stderr}");
+    assert!(!directory.path().join("out.raw").exists(), "a refused conversion left output behind");
+}
+
+#[test]
+fn hostile_vmdk_vhd_and_vdi_images_are_refused_with_their_reason() {
+    let directory = tempfile::tempdir().unwrap();
+    let at = |name: &str| directory.path().join(name);
+    let raw = make_raw(directory.path());
+
+    // A VMDK delta naming its parent.
+    let base = make_other_format(&raw, directory.path(), "base.vmdk", "vmdk", &[]);
+    let delta = at("delta.vmdk");
+    qemu_img(&["create", "-f", "vmdk", "-F", "vmdk", "-b", &base.display().to_string(), &delta.display().to_string()]);
+    refused(&delta, "differencing image whose parent is");
+
+    // A streamOptimized VMDK whose footer was cut off.
+    let stream = make_other_format(&raw, directory.path(), "stream.vmdk", "vmdk", &["-o", "subformat=streamOptimized"]);
+    patch(&stream, &at("no-footer.vmdk"), 56, &u64::MAX.to_le_bytes());
+    refused_conversion(&at("no-footer.vmdk"), "does not end with a footer");
+    // A grain directory far past the end.
+    let monolithic = make_other_format(&raw, directory.path(), "monolithic.vmdk", "vmdk", &[]);
+    patch(&monolithic, &at("gd-past-end.vmdk"), 56, &(1u64 << 40).to_le_bytes());
+    refused_conversion(&at("gd-past-end.vmdk"), "the grain directory at offset");
+    patch(&monolithic, &at("huge-grain.vmdk"), 20, &(1u64 << 30).to_le_bytes());
+    refused_conversion(&at("huge-grain.vmdk"), "grain size of 1073741824 sectors is out of range");
+
+    // A VHD turned into a differencing disk (type 4) in both footer copies.
+    let vhd = make_other_format(&raw, directory.path(), "dynamic.vhd", "vpc", &[]);
+    let mut content = std::fs::read(&vhd).unwrap();
+    let end = content.len();
+    content[60..64].copy_from_slice(&4u32.to_be_bytes());
+    content[end - 512 + 60..end - 512 + 64].copy_from_slice(&4u32.to_be_bytes());
+    std::fs::write(at("differencing.vhd"), &content).unwrap();
+    refused_conversion(&at("differencing.vhd"), "differencing image");
+    // A block allocation table past the end of the file.
+    let header_offset = u64::from_be_bytes(content[16..24].try_into().unwrap()) as usize;
+    patch(&vhd, &at("bat-past-end.vhd"), header_offset + 16, &(1u64 << 40).to_be_bytes());
+    refused_conversion(&at("bat-past-end.vhd"), "the block allocation table at offset");
+
+    // A VDI with a parent UUID, and one whose block map points past the end.
+    let vdi = make_other_format(&raw, directory.path(), "dynamic.vdi", "vdi", &[]);
+    patch(&vdi, &at("child.vdi"), 0x1b8, &[0x42; 16]);
+    refused_conversion(&at("child.vdi"), "differencing image");
+    let content = std::fs::read(&vdi).unwrap();
+    let map_offset = u32::from_le_bytes(content[0x154..0x158].try_into().unwrap()) as usize;
+    patch(&vdi, &at("block-past-end.vdi"), map_offset, &0x00ff_0000u32.to_le_bytes());
+    refused_conversion(&at("block-past-end.vdi"), "a data block at offset");
+
+    // The virtual-size limit applies to every format.
+    let output = Command::new(DVCR)
+        .args(["convert", "--max-virtual-size", "1048576"])
+        .arg(&vdi)
+        .arg(at("limited.raw"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("vdi virtual size 25169408 bytes is above the limit"));
+    assert!(!at("limited.raw").exists());
+}
+
+/// `dvcr convert` of a hostile file fails cleanly with `expected` in its
+/// message and leaves no output.
+fn refused_conversion(path: &Path, expected: &str) {
+    let destination = path.with_extension("out");
+    let output = Command::new(DVCR).arg("convert").arg(path).arg(&destination).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{}: {stderr}", path.display());
+    assert!(stderr.contains(expected), "{}: expected {expected:?} in {stderr}", path.display());
+    assert!(!destination.exists(), "{}: output left behind", path.display());
 }
 
 /// Runs `dvcr info` on a hostile file: it must fail cleanly (exit 1, not a
@@ -264,7 +406,10 @@ fn wrapped_images_are_unpacked_and_agree_with_qemu_img() {
     qemu_img(&["convert", "-c", "-O", "qcow2", &raw.display().to_string(), &qcow2.display().to_string()]);
     let expected = directory.path().join("expected.raw");
     qemu_img(&["convert", "-O", "raw", &raw.display().to_string(), &expected.display().to_string()]);
-    for (inner, format) in [(&raw, "raw"), (&qcow2, "qcow2")] {
+    let vmdk = make_other_format(&raw, directory.path(), "inner.vmdk", "vmdk", &["-o", "subformat=streamOptimized"]);
+    let vhd = make_other_format(&raw, directory.path(), "inner.vhd", "vpc", &["-o", "force_size=on"]);
+    let vdi = make_other_format(&raw, directory.path(), "inner.vdi", "vdi", &[]);
+    for (inner, format) in [(&raw, "raw"), (&qcow2, "qcow2"), (&vmdk, "vmdk"), (&vhd, "vpc"), (&vdi, "vdi")] {
         let qemu = qemu_info(inner);
         for (wrapper, name) in [("gz", "gzip"), ("xz", "xz"), ("zst", "zstd"), ("bz2", "bzip2")] {
             let wrapped = wrap(inner, wrapper);
@@ -284,6 +429,54 @@ fn wrapped_images_are_unpacked_and_agree_with_qemu_img() {
             assert!(leftovers.is_empty(), "scratch file left behind");
         }
     }
+}
+
+/// `dvcr convert - DEST` with `file` on standard input.
+fn convert_from_stdin(file: &Path, destination: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(DVCR)
+        .args(["convert", "-"])
+        .arg(destination)
+        .args(extra)
+        .stdin(std::fs::File::open(file).unwrap())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn standard_input_is_a_source() {
+    let directory = tempfile::tempdir().unwrap();
+    let raw = make_raw(directory.path());
+    let qcow2 = directory.path().join("inner.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", &raw.display().to_string(), &qcow2.display().to_string()]);
+    let vmdk = make_other_format(&raw, directory.path(), "inner.vmdk", "vmdk", &["-o", "subformat=streamOptimized"]);
+    let raw_gz = wrap(&raw, "gz");
+    let qcow2_xz = wrap(&qcow2, "xz");
+    for input in [&raw, &raw_gz, &qcow2, &qcow2_xz, &vmdk] {
+        let converted = directory.path().join("from-stdin.raw");
+        let output = convert_from_stdin(input, &converted, &[]);
+        assert!(output.status.success(), "{}: {}", input.display(), String::from_utf8_lossy(&output.stderr));
+        run(Command::new(require_tool("cmp")).arg(&raw).arg(&converted));
+        assert!(allocated_bytes(&converted) <= allocated_bytes(&raw) + (64 << 10), "{}: not sparse", input.display());
+        std::fs::remove_file(&converted).unwrap();
+    }
+    // Bounded: a stream longer than the limit stops, and leaves nothing.
+    for input in [&raw, &raw_gz, &qcow2] {
+        let converted = directory.path().join("limited.raw");
+        let output = convert_from_stdin(input, &converted, &["--max-virtual-size", "1048576"]);
+        assert_eq!(output.status.code(), Some(1), "{}", input.display());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("limit of 1048576 bytes"), "{}: {stderr}", input.display());
+        assert!(!converted.exists(), "{}: output left behind", input.display());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(directory.path())
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().contains("dvcr-unpacked"))
+        .collect();
+    assert!(leftovers.is_empty(), "scratch file left behind");
+    let output = convert_from_stdin(&raw, &directory.path().join("out.qcow2"), &["-O", "qcow2"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("the source is standard input"));
 }
 
 #[test]

@@ -1,16 +1,20 @@
-//! Conversion to raw.
+//! Conversion to raw (and, from raw, to qcow2).
 
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::detect::{Compression, ImageFormat};
+use crate::detect::ImageFormat;
 use crate::OutputFormat;
 use crate::source::FileSource;
 use crate::unwrap;
 
 use crate::output::RawOutput;
-use crate::qcow2::{Cluster, Qcow2Image};
+use crate::mapped::{Cluster, MappedImage};
+use crate::qcow2::Qcow2Image;
+use crate::vdi::VdiImage;
+use crate::vhd::VhdImage;
+use crate::vmdk::VmdkImage;
 use crate::source::ReadAt;
 use crate::ConverterError;
 
@@ -24,11 +28,25 @@ struct Run {
     length: u64,
 }
 
-/// Writes the guest disk of a qcow2 image to `destination` as raw.
-pub fn qcow2_to_raw(image: &Qcow2Image<'_>, destination: &Path) -> Result<(), ConverterError> {
-    let header = image.header();
-    let cluster_size = header.cluster_size();
-    let virtual_size = header.virtual_size;
+/// Opens a table-based image (qcow2, VMDK, VHD, VDI) after checking it.
+pub fn open_mapped<'a>(
+    format: ImageFormat,
+    source: &'a dyn ReadAt,
+    max_virtual_size: u64,
+) -> Result<Option<Box<dyn MappedImage + 'a>>, ConverterError> {
+    Ok(Some(match format {
+        ImageFormat::Qcow2 => Box::new(Qcow2Image::open(source, max_virtual_size)?),
+        ImageFormat::Vmdk => Box::new(VmdkImage::open(source, max_virtual_size)?),
+        ImageFormat::Vhd => Box::new(VhdImage::open(source, max_virtual_size)?),
+        ImageFormat::Vdi => Box::new(VdiImage::open(source, max_virtual_size)?),
+        ImageFormat::Vhdx | ImageFormat::Raw | ImageFormat::Iso => return Ok(None),
+    }))
+}
+
+/// Writes the guest disk of a table-based image to `destination` as raw.
+pub fn mapped_to_raw(image: &dyn MappedImage, destination: &Path) -> Result<(), ConverterError> {
+    let cluster_size = image.cluster_size();
+    let virtual_size = image.virtual_size();
     let output = RawOutput::create(destination, Some(virtual_size))
         .map_err(|error| ConverterError::Output(destination.display().to_string(), error))?;
     let source = image.source();
@@ -44,7 +62,7 @@ pub fn qcow2_to_raw(image: &Qcow2Image<'_>, destination: &Path) -> Result<(), Co
         output.write_data(run.guest, data).map_err(output_error)
     };
 
-    image.for_each_cluster(|guest, mapping| -> Result<(), ConverterError> {
+    image.visit_clusters(&mut |guest, mapping| -> Result<(), ConverterError> {
         // The last cluster may reach past the virtual size.
         let length = cluster_size.min(virtual_size - guest);
         let contiguous = |run: &Run, host: u64| {
@@ -122,12 +140,12 @@ struct CompressedCluster {
 /// Decompresses independent clusters on every core and writes each at its
 /// guest offset (positioned writes, so order does not matter).
 fn decompress_batch(
-    image: &Qcow2Image<'_>,
+    image: &dyn MappedImage,
     output: &RawOutput,
     batch: &[CompressedCluster],
     output_error: impl Fn(std::io::Error) -> ConverterError + Copy + Send,
 ) -> Result<(), ConverterError> {
-    let cluster_size = image.header().cluster_size() as usize;
+    let cluster_size = image.cluster_size() as usize;
     let workers = std::thread::available_parallelism().map_or(1, usize::from).min(batch.len()).max(1);
     let per_worker = batch.len().div_ceil(workers);
     std::thread::scope(|scope| {
@@ -137,7 +155,7 @@ fn decompress_batch(
                 scope.spawn(move || -> Result<(), ConverterError> {
                     let (mut compressed, mut cluster) = (Vec::new(), vec![0u8; cluster_size]);
                     for job in part {
-                        image.decompress(job.guest, job.host_offset, job.stored, &mut compressed, &mut cluster)?;
+                        image.decompress_cluster(job.guest, job.host_offset, job.stored, &mut compressed, &mut cluster)?;
                         output.write_data(job.guest, &cluster[..job.length as usize]).map_err(output_error)?;
                     }
                     Ok(())
@@ -170,9 +188,10 @@ pub fn raw_to_raw(source: &dyn ReadAt, destination: &Path) -> Result<(), Convert
     output.finish(None).map_err(output_error)
 }
 
-/// Converts the image at `source` to raw at `destination`: qcow2, raw and
-/// ISO natively, each also inside a gzip/xz/zstd/bzip2 wrapper (unpacked
-/// with its output bounded by `max_virtual_size`). Other formats are
+/// Converts the image at `source` (`-`: standard input) to `destination`:
+/// to raw from qcow2, VMDK, VHD, VDI, raw and ISO, each also inside a
+/// gzip/xz/zstd/bzip2 wrapper (unpacked with its output bounded by
+/// `max_virtual_size`); to qcow2 from raw and ISO. Other formats are
 /// refused by name.
 pub fn convert_file(
     source: &Path,
@@ -182,7 +201,9 @@ pub fn convert_file(
 ) -> Result<(), ConverterError> {
     refuse_same_file(source, destination)?;
     let result = match output_format {
+        OutputFormat::Raw if source == Path::new("-") => convert_stream(std::io::stdin().lock(), destination, max_virtual_size),
         OutputFormat::Raw => convert_checked(source, destination, max_virtual_size),
+        OutputFormat::Qcow2 if source == Path::new("-") => Err(ConverterError::QcowOutputSource("standard input".into())),
         OutputFormat::Qcow2 => to_qcow2(source, destination),
     };
     if result.is_err() {
@@ -202,16 +223,18 @@ fn convert_checked(source: &Path, destination: &Path, max_virtual_size: u64) -> 
     let file = File::open(source).map_err(ConverterError::Read)?;
     let file_source = FileSource::new(file).map_err(ConverterError::Read)?;
     let (wrapper, format) = crate::info::detect_source(&file_source)?;
-    if let Some(compression) = wrapper {
-        return convert_wrapped(source, compression, destination, max_virtual_size);
+    if wrapper.is_some() {
+        return convert_stream(file_source.into_file(), destination, max_virtual_size);
     }
     match format {
-        ImageFormat::Qcow2 => qcow2_to_raw(&Qcow2Image::open(&file_source, max_virtual_size)?, destination),
         ImageFormat::Raw | ImageFormat::Iso => raw_to_raw(&file_source, destination),
-        other => Err(ConverterError::Unsupported {
-            format: other,
-            operation: "converted",
-        }),
+        other => match open_mapped(other, &file_source, max_virtual_size)? {
+            Some(image) => mapped_to_raw(image.as_ref(), destination),
+            None => Err(ConverterError::Unsupported {
+                format: other,
+                operation: "converted",
+            }),
+        },
     }
 }
 
@@ -236,51 +259,53 @@ fn refuse_same_file(source: &Path, destination: &Path) -> Result<(), ConverterEr
     Ok(())
 }
 
-/// A wrapped raw image streams straight to the destination; a wrapped
-/// qcow2 needs random access, so it is unpacked next to the destination
-/// first (bounded) and removed after.
-fn convert_wrapped(
-    source: &Path,
-    compression: Compression,
-    destination: &Path,
-    limit: u64,
-) -> Result<(), ConverterError> {
-    let open = || -> Result<unwrap::Bounded<Box<dyn Read>>, ConverterError> {
-        let file = File::open(source).map_err(ConverterError::Read)?;
-        unwrap::decoder(compression, std::io::BufReader::new(file), limit).map_err(ConverterError::Read)
-    };
-    let mut reader = open()?;
+/// Converts a forward-only stream (a wrapped file, standard input): a
+/// wrapper is unpacked on the way (bounded by `limit`); raw and ISO stream
+/// straight to the sparse destination; formats that need random access
+/// are spooled next to the destination first (bounded, removed after).
+pub fn convert_stream(input: impl Read, destination: &Path, limit: u64) -> Result<(), ConverterError> {
+    let mut input = std::io::BufReader::with_capacity(1 << 20, input);
     let mut head = vec![0u8; crate::detect::DETECT_HEAD_BYTES];
-    let length = unwrap::read_up_to(&mut reader, &mut head).map_err(ConverterError::Read)?;
+    let length = unwrap::read_up_to(&mut input, &mut head).map_err(ConverterError::Read)?;
     head.truncate(length);
+    if let Some(compression) = crate::detect::detect_compression(&head) {
+        let rejoined = std::io::Cursor::new(head).chain(input);
+        let decoder = unwrap::decoder(compression, rejoined, limit).map_err(ConverterError::Read)?;
+        return convert_stream(decoder, destination, limit);
+    }
     let format = crate::detect::detect_format(&head, None);
     let output_error = |error| ConverterError::Output(destination.display().to_string(), error);
+    let mut rest = std::io::Cursor::new(head).chain(input).take(limit.saturating_add(1));
     match format {
         ImageFormat::Raw | ImageFormat::Iso => {
             let output = RawOutput::create(destination, None).map_err(output_error)?;
-            output.write_data(0, &head).map_err(output_error)?;
-            let mut offset = head.len() as u64;
+            let mut offset = 0u64;
             let mut buffer = vec![0u8; MAX_RUN as usize];
             loop {
-                let read = unwrap::read_up_to(&mut reader, &mut buffer).map_err(ConverterError::Read)?;
+                let read = unwrap::read_up_to(&mut rest, &mut buffer).map_err(ConverterError::Read)?;
                 if read == 0 {
                     break;
                 }
                 output.write_data(offset, &buffer[..read]).map_err(output_error)?;
                 offset += read as u64;
             }
+            if offset > limit {
+                return Err(ConverterError::StreamTooLarge(limit));
+            }
             output.finish(Some(offset)).map_err(output_error)
         }
         _ => {
             let scratch = scratch_path(destination);
-            let unpacked = (|| {
+            let spooled = (|| {
                 let mut file = File::create(&scratch).map_err(output_error)?;
-                let mut reader = open()?;
-                std::io::copy(&mut reader, &mut file).map_err(ConverterError::Read)?;
+                let copied = std::io::copy(&mut rest, &mut file).map_err(ConverterError::Read)?;
+                if copied > limit {
+                    return Err(ConverterError::StreamTooLarge(limit));
+                }
                 convert_checked(&scratch, destination, limit)
             })();
             let _ = std::fs::remove_file(&scratch);
-            unpacked
+            spooled
         }
     }
 }

@@ -19,9 +19,6 @@ fn read(source: &dyn ReadAt, format: ImageFormat, offset: u64, length: usize) ->
     Ok(buffer)
 }
 
-
-
-
 /// The virtual size of a VMDK, VHD, VHDX or VDI image; `None` for a VMDK
 /// descriptor file (its extents live in other files).
 pub fn virtual_size(format: ImageFormat, source: &dyn ReadAt) -> Result<Option<u64>, ConverterError> {

@@ -3,6 +3,8 @@
 //! - [`detect`]: the format and compression wrapper of a file, from content.
 //! - [`qcow2`]: a checked qcow2 v2/v3 reader (zlib and zstd clusters,
 //!   extended L2, every cluster size).
+//! - [`vmdk`], [`vhd`], [`vdi`]: readers of the other table-based formats,
+//!   behind the same [`mapped::MappedImage`] interface.
 //! - [`convert`]: conversion to raw, sparse.
 //! - [`info`]: what `dvcr info` reports, with `qemu-img info`'s key names.
 
@@ -11,11 +13,15 @@ pub mod detect;
 mod endian;
 pub mod formats;
 pub mod info;
+pub mod mapped;
 pub mod output;
 pub mod qcow2;
 pub mod qcow2_writer;
 pub mod source;
 pub mod unwrap;
+pub mod vdi;
+pub mod vhd;
+pub mod vmdk;
 
 use std::io;
 
@@ -62,6 +68,28 @@ pub enum ConverterError {
     /// qcow2 output from something other than a raw file.
     #[error("qcow2 output is written from raw or ISO files, and the source is {0}: convert it to raw first")]
     QcowOutputSource(String),
+    /// A VMDK, VHD or VDI declares a virtual size above the limit.
+    #[error("{format} virtual size {size} bytes is above the limit of {limit} bytes")]
+    VirtualSizeTooLarge {
+        /// The detected format.
+        format: detect::ImageFormat,
+        /// Declared size.
+        size: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// A differencing image: its data depends on a parent file.
+    #[error("{format} image is a differencing image whose parent is {parent:?}: refused, because the parent's path is read from the image; flatten it first with `qemu-img convert`")]
+    Differencing {
+        /// The detected format.
+        format: detect::ImageFormat,
+        /// The parent as the image names it.
+        parent: String,
+    },
+    /// A stream (standard input, an unpacked wrapper) is longer than the
+    /// virtual-size limit.
+    #[error("the image stream is longer than the limit of {0} bytes (raise --max-virtual-size if it is genuine)")]
+    StreamTooLarge(u64),
     /// The destination is the source itself.
     #[error("{0} is both the source and the destination: converting in place would destroy the source")]
     SameFile(String),

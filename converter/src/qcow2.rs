@@ -13,7 +13,10 @@
 use std::io;
 
 use crate::endian::{be32, be64};
+pub use crate::mapped::Cluster;
+use crate::mapped::MappedImage;
 use crate::source::ReadAt;
+use crate::ConverterError;
 
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Largest L1 table qemu itself accepts.
@@ -315,33 +318,6 @@ fn check_extensions(source: &dyn ReadAt, start: u64, cluster_size: u64) -> Resul
     Ok(())
 }
 
-/// Where the data of one guest cluster comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cluster {
-    /// Never written: reads as zeros (there is no backing file).
-    Unallocated,
-    /// Explicitly zero.
-    Zero,
-    /// Stored uncompressed at a host offset.
-    Data {
-        /// Host offset of the cluster.
-        host_offset: u64,
-    },
-    /// Stored compressed.
-    Compressed {
-        /// Host offset of the compressed bytes.
-        host_offset: u64,
-        /// Upper bound of the compressed length.
-        length: u64,
-    },
-    /// Extended L2: per-subcluster allocation and zero bits.
-    Subclusters {
-        /// Host offset of the cluster.
-        host_offset: u64,
-        /// Bit i: subcluster i is stored at host_offset + i * subcluster size.
-        allocated: u32,
-    },
-}
 
 /// A qcow2 image opened for reading.
 pub struct Qcow2Image<'a> {
@@ -553,6 +529,42 @@ impl<'a> Qcow2Image<'a> {
     /// The source the image is read from.
     pub fn source(&self) -> &dyn ReadAt {
         self.source
+    }
+}
+
+impl MappedImage for Qcow2Image<'_> {
+    fn source(&self) -> &dyn ReadAt {
+        self.source
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.header.virtual_size
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    fn subcluster_size(&self) -> u64 {
+        self.header.cluster_size() / SUBCLUSTERS
+    }
+
+    fn visit_clusters(
+        &self,
+        visit: &mut dyn FnMut(u64, Cluster) -> Result<(), ConverterError>,
+    ) -> Result<(), ConverterError> {
+        self.for_each_cluster(visit)
+    }
+
+    fn decompress_cluster(
+        &self,
+        guest_offset: u64,
+        host_offset: u64,
+        stored: u64,
+        scratch: &mut Vec<u8>,
+        output: &mut [u8],
+    ) -> Result<(), ConverterError> {
+        Ok(self.decompress(guest_offset, host_offset, stored, scratch, output)?)
     }
 }
 

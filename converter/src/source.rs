@@ -27,8 +27,14 @@ impl FileSource {
             // Block devices report 0 in their metadata: seek to the end.
             use std::io::Seek;
             size = (&file).seek(io::SeekFrom::End(0))?;
+            (&file).seek(io::SeekFrom::Start(0))?;
         }
         Ok(FileSource { file, size })
+    }
+
+    /// The file, to read it as a stream from its current position.
+    pub fn into_file(self) -> File {
+        self.file
     }
 }
 
