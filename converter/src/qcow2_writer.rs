@@ -220,7 +220,7 @@ mod tests {
         let written = std::fs::read(&path).unwrap();
         let image = crate::qcow2::Qcow2Image::open(&written, 1 << 40).unwrap();
         let back = directory.path().join("back.raw");
-        crate::convert::qcow2_to_raw(&image, &back).unwrap();
+        crate::convert::mapped_to_raw(&image, &back).unwrap();
         // The virtual size is rounded up to a sector; the padding is zeros.
         raw.resize(raw.len().div_ceil(512) * 512, 0);
         assert_eq!(std::fs::read(back).unwrap(), raw);

@@ -108,7 +108,7 @@ impl<'a> VmdkImage<'a> {
                 header.compression
             )));
         }
-        if header.grain_sectors == 0 || header.grain_sectors * SECTOR > MAX_GRAIN {
+        if header.grain_sectors == 0 || header.grain_sectors > MAX_GRAIN / SECTOR {
             return Err(malformed(format!(
                 "grain size of {} sectors is out of range: 1 sector to 2 MiB are read",
                 header.grain_sectors
@@ -309,5 +309,41 @@ impl MappedImage for VmdkImage<'_> {
             return Err(corrupt(format!("it inflated to {} bytes instead of {needed}", inflater.total_out())));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(grain_sectors: u64, capacity_sectors: u64, entries_per_table: u32) -> Vec<u8> {
+        let mut image = vec![0u8; 4096];
+        image[..4].copy_from_slice(MAGIC);
+        image[4..8].copy_from_slice(&1u32.to_le_bytes());
+        image[12..20].copy_from_slice(&capacity_sectors.to_le_bytes());
+        image[20..28].copy_from_slice(&grain_sectors.to_le_bytes());
+        image[44..48].copy_from_slice(&entries_per_table.to_le_bytes());
+        image[56..64].copy_from_slice(&1u64.to_le_bytes());
+        image
+    }
+
+    /// Found by `cargo fuzz run mapped`: a grain size near 2^64 sectors
+    /// overflowed the range check itself.
+    #[test]
+    fn huge_numbers_are_errors_not_panics() {
+        for grain in [0, 1, 128, u64::MAX / 512 + 1, u64::MAX] {
+            for capacity in [0, 1, 1 << 40, u64::MAX / 512 + 1, u64::MAX] {
+                for entries in [0, 1, 512, u32::MAX] {
+                    let image = header(grain, capacity, entries);
+                    if let Ok(opened) = VmdkImage::open(&image, u64::MAX) {
+                        let _ = opened.visit_clusters(&mut |_, _| Ok(()));
+                    }
+                }
+            }
+        }
+        assert!(matches!(
+            VmdkImage::open(&header(u64::MAX / 512 + 1, 8, 512), u64::MAX),
+            Err(ConverterError::Malformed { .. })
+        ));
     }
 }
