@@ -146,3 +146,24 @@ pub fn inspect(path: &Path, max_virtual_size: u64) -> Result<ImageInfo, Converte
     }
     Ok(info)
 }
+
+/// Format and virtual size of an image seen as a stream: its head (at
+/// least [`detect::DETECT_HEAD_BYTES`] when it is that long, more for
+/// headers that point further), its last 512 bytes and its length. The
+/// header checks a conversion makes are made (a qcow2 backing file,
+/// encryption, unknown features, sizes); the tables are not walked.
+pub fn describe_stream(summary: &StreamSummary, max_virtual_size: u64) -> Result<(ImageFormat, u64), ConverterError> {
+    let (_, format) = detect_source(summary)?;
+    let virtual_size = match format {
+        ImageFormat::Qcow2 => crate::qcow2::read_header(summary, max_virtual_size)?.virtual_size,
+        other => crate::formats::virtual_size(other, summary)?.unwrap_or(summary.size),
+    };
+    if virtual_size > max_virtual_size {
+        return Err(ConverterError::VirtualSizeTooLarge {
+            format,
+            size: virtual_size,
+            limit: max_virtual_size,
+        });
+    }
+    Ok((format, virtual_size))
+}

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod image;
 
 use std::io::Read;

@@ -1,0 +1,87 @@
+//! Blocking `Read`/`Write` ends of bounded async channels, so that the
+//! synchronous pipeline sits between an async download and an async upload
+//! with bounded memory (a few 1 MiB chunks in flight).
+
+use std::io::{self, Read, Write};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+/// Chunks in flight per channel.
+pub const CHANNEL_DEPTH: usize = 8;
+const CHUNK: usize = 1 << 20;
+
+/// Reads chunks sent by an async producer; an `Err` chunk is the
+/// producer's failure.
+pub struct ChannelReader {
+    receiver: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl ChannelReader {
+    /// Wraps the receiving end.
+    pub fn new(receiver: mpsc::Receiver<io::Result<Bytes>>) -> Self {
+        ChannelReader {
+            receiver,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(error)) => return Err(error),
+                None => return Ok(0),
+            }
+        }
+        let length = buffer.len().min(self.current.len());
+        buffer[..length].copy_from_slice(&self.current.split_to(length));
+        Ok(length)
+    }
+}
+
+/// Sends what is written, in chunks of 1 MiB, to an async consumer.
+pub struct ChannelWriter {
+    sender: mpsc::Sender<io::Result<Bytes>>,
+    buffer: BytesMut,
+}
+
+impl ChannelWriter {
+    /// Wraps the sending end.
+    pub fn new(sender: mpsc::Sender<io::Result<Bytes>>) -> Self {
+        ChannelWriter {
+            sender,
+            buffer: BytesMut::with_capacity(CHUNK),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buffer.split().freeze();
+        self.buffer.reserve(CHUNK);
+        self.sender
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the registry upload stopped"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buffer.len();
+        let length = data.len().min(room);
+        self.buffer.extend_from_slice(&data[..length]);
+        if self.buffer.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(length)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}

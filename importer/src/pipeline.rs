@@ -1,0 +1,425 @@
+//! The one pass over a source: checksums over the bytes as they arrive,
+//! unpacking of a gzip/xz/zstd/bzip2 wrapper, format detection and header
+//! checks by the converter, and the layer tar (`disk/` + `disk/<file>`),
+//! optionally compressed, written to a sink with its digests computed on
+//! the way. Synchronous: it runs on a blocking thread between channels.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use dvcr_converter::detect::{self, ImageFormat};
+use dvcr_converter::source::StreamSummary;
+use dvcr_converter::unwrap;
+use sha2::{Digest as _, Sha256};
+
+use crate::checksum::{Checksums, ExpectedChecksum};
+use crate::progress::Progress;
+use crate::ImportError;
+
+/// Bytes of the unpacked image kept for header checks.
+const HEAD_BYTES: usize = 4 << 20;
+const TAIL_BYTES: usize = 512;
+const COPY_BUFFER: usize = 1 << 20;
+
+/// How the layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCompression {
+    /// A plain tar (DVP's current form).
+    None,
+    /// gzip.
+    Gzip,
+    /// Zstandard.
+    Zstd,
+}
+
+/// What the pipeline needs to know.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Checksums the downloaded bytes must have.
+    pub checksums: Vec<ExpectedChecksum>,
+    /// Largest virtual (and unpacked) size accepted.
+    pub max_virtual_size: u64,
+    /// Layer compression.
+    pub layer_compression: LayerCompression,
+    /// The name the disk gets under `disk/` (a wrapper's extension is
+    /// dropped when it is unpacked).
+    pub file_name: String,
+    /// Where an image is spooled when its unpacked length is not known
+    /// before it ends (a compressed source, or no Content-Length).
+    pub scratch_dir: PathBuf,
+}
+
+/// Facts about the stored image.
+#[derive(Debug, Clone)]
+pub struct ImageFacts {
+    /// Bytes stored (the unpacked image).
+    pub stored_size: u64,
+    /// Guest disk size.
+    pub virtual_size: u64,
+    /// Detected format.
+    pub format: ImageFormat,
+    /// `disk/<file_name>`.
+    pub file_name: String,
+    /// The wrapper that was unpacked.
+    pub unpacked_from: Option<detect::Compression>,
+}
+
+/// The layer as written.
+#[derive(Debug, Clone)]
+pub struct LayerFacts {
+    /// `sha256:` of the blob.
+    pub digest: String,
+    /// `sha256:` of the uncompressed tar.
+    pub diff_id: String,
+    /// Blob size.
+    pub size: u64,
+}
+
+/// Runs the pipeline over `source` (of `source_length` bytes when known),
+/// writing the layer blob to `sink`.
+pub fn build_layer(
+    source: impl Read,
+    source_length: Option<u64>,
+    options: &PipelineOptions,
+    progress: &Progress,
+    sink: impl Write,
+) -> Result<(ImageFacts, LayerFacts), ImportError> {
+    let mut counted = Checksums::reader(source, &options.checksums, progress);
+    let mut head = vec![0u8; HEAD_BYTES];
+    let length = unwrap::read_up_to(&mut counted, &mut head).map_err(ImportError::source_read)?;
+    head.truncate(length);
+    let wrapper = detect::detect_compression(&head);
+    let file_name = disk_file_name(&options.file_name, wrapper);
+
+    if wrapper.is_some() || source_length.is_none() {
+        // The unpacked length goes in the tar header before the data, and is
+        // known only at the end: unpack to scratch, then check and send.
+        let mut spool = tempfile::tempfile_in(&options.scratch_dir).map_err(|error| ImportError::Scratch(options.scratch_dir.clone(), error))?;
+        let rejoined = io::Cursor::new(head).chain(&mut counted);
+        let mut unpacked: Box<dyn Read> = match wrapper {
+            Some(compression) => Box::new(unwrap::decoder(compression, rejoined, options.max_virtual_size).map_err(ImportError::source_read)?),
+            None => Box::new(rejoined.take(options.max_virtual_size.saturating_add(1))),
+        };
+        let spooled = copy_all(&mut unpacked, &mut spool).map_err(|error| match error {
+            CopyError::Read(error) => ImportError::source_read(error),
+            CopyError::Write(error) => ImportError::Scratch(options.scratch_dir.clone(), error),
+        })?;
+        drop(unpacked);
+        if spooled > options.max_virtual_size {
+            return Err(ImportError::TooLarge(options.max_virtual_size));
+        }
+        counted.verify()?;
+        let facts = check_spooled(&mut spool, spooled, options, &file_name, wrapper)?;
+        let layer = write_layer(&mut spool, spooled, &facts.file_name, options.layer_compression, sink)?;
+        return Ok((facts, layer));
+    }
+
+    let length = source_length.unwrap_or_default();
+    // Refuse a bad header before sending anything; the tail is not known yet.
+    describe(&head, None, length.max(head.len() as u64), options)?;
+    let kept_head = head.clone();
+    let mut tail = Tail::default();
+    let mut data = ExactLength {
+        inner: io::Cursor::new(head).chain(&mut counted),
+        remaining: length,
+        tail: &mut tail,
+    };
+    let layer = write_layer(&mut data, length, &file_name, options.layer_compression, sink)?;
+    counted.verify()?;
+    let (format, virtual_size) = describe(&kept_head, Some(&tail.bytes), length, options)?;
+    Ok((
+        ImageFacts {
+            stored_size: length,
+            virtual_size,
+            format,
+            file_name,
+            unpacked_from: None,
+        },
+        layer,
+    ))
+}
+
+/// Format and virtual size from the head and tail of the unpacked image;
+/// without a tail, only the head's headers are checked.
+fn describe(head: &[u8], tail: Option<&[u8]>, size: u64, options: &PipelineOptions) -> Result<(ImageFormat, u64), ImportError> {
+    let tail = match tail {
+        Some(tail) => tail.to_vec(),
+        None if size <= head.len() as u64 => head[head.len().saturating_sub(TAIL_BYTES)..].to_vec(),
+        None => vec![0u8; TAIL_BYTES.min(size as usize)],
+    };
+    let summary = StreamSummary {
+        head: head.to_vec(),
+        tail,
+        size,
+    };
+    let (format, virtual_size) = dvcr_converter::info::describe_stream(&summary, options.max_virtual_size)?;
+    if format == ImageFormat::Vhdx {
+        return Err(ImportError::Converter(dvcr_converter::ConverterError::Unsupported {
+            format,
+            operation: "imported (VMs cannot boot them)",
+        }));
+    }
+    Ok((format, virtual_size))
+}
+
+/// Full checks of a spooled image (tables walked, as a conversion would),
+/// then its facts.
+fn check_spooled(
+    spool: &mut File,
+    length: u64,
+    options: &PipelineOptions,
+    file_name: &str,
+    wrapper: Option<detect::Compression>,
+) -> Result<ImageFacts, ImportError> {
+    let source = dvcr_converter::source::FileSource::new(spool.try_clone().map_err(ImportError::source_read)?)
+        .map_err(ImportError::source_read)?;
+    let (_, format) = dvcr_converter::info::detect_source(&source)?;
+    let virtual_size = match dvcr_converter::convert::open_mapped(format, &source, options.max_virtual_size)? {
+        Some(image) => {
+            image.visit_clusters(&mut |_, _| Ok(()))?;
+            image.virtual_size()
+        }
+        None if format == ImageFormat::Vhdx => {
+            return Err(ImportError::Converter(dvcr_converter::ConverterError::Unsupported {
+                format,
+                operation: "imported (VMs cannot boot them)",
+            }))
+        }
+        None => length,
+    };
+    use std::io::Seek;
+    spool.seek(io::SeekFrom::Start(0)).map_err(ImportError::source_read)?;
+    Ok(ImageFacts {
+        stored_size: length,
+        virtual_size,
+        format,
+        file_name: file_name.to_string(),
+        unpacked_from: wrapper,
+    })
+}
+
+/// The name under `disk/`: the source's base name made safe, without the
+/// extension of a wrapper that was unpacked.
+pub fn disk_file_name(name: &str, wrapper: Option<detect::Compression>) -> String {
+    let mut name: String = name
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .collect();
+    if wrapper.is_some() {
+        for extension in [".gz", ".xz", ".zst", ".bz2", ".gzip", ".zstd"] {
+            if let Some(stripped) = name.strip_suffix(extension) {
+                name = stripped.to_string();
+                break;
+            }
+        }
+    }
+    let name = name.trim_start_matches('.').to_string();
+    if name.is_empty() {
+        "disk.img".to_string()
+    } else {
+        name.chars().take(200).collect()
+    }
+}
+
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+fn copy_all(reader: &mut dyn Read, writer: &mut dyn Write) -> Result<u64, CopyError> {
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => return Ok(total),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(CopyError::Read(error)),
+        };
+        writer.write_all(&buffer[..read]).map_err(CopyError::Write)?;
+        total += read as u64;
+    }
+}
+
+/// The last bytes that went through.
+#[derive(Default)]
+struct Tail {
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    fn keep(&mut self, data: &[u8]) {
+        if data.len() >= TAIL_BYTES {
+            self.bytes.clear();
+            self.bytes.extend_from_slice(&data[data.len() - TAIL_BYTES..]);
+        } else {
+            self.bytes.extend_from_slice(data);
+            let excess = self.bytes.len().saturating_sub(TAIL_BYTES);
+            self.bytes.drain(..excess);
+        }
+    }
+}
+
+/// Yields exactly `remaining` bytes of `inner`: ending early is a
+/// truncated source, and bytes beyond are an error too.
+struct ExactLength<'a, R> {
+    inner: R,
+    remaining: u64,
+    tail: &'a mut Tail,
+}
+
+impl<R: Read> Read for ExactLength<'_, R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::new(io::ErrorKind::InvalidData, "the source sent more bytes than it announced")),
+            };
+        }
+        let want = buffer.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let read = self.inner.read(&mut buffer[..want])?;
+        if read == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the source ended {} bytes before its announced length", self.remaining),
+            ));
+        }
+        self.remaining -= read as u64;
+        self.tail.keep(&buffer[..read]);
+        Ok(read)
+    }
+}
+
+/// A writer that hashes and counts what passes through.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(data)?;
+        self.hasher.update(&data[..written]);
+        self.written += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W> Hashing<W> {
+    fn new(inner: W) -> Self {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
+    }
+
+    fn digest(&self) -> String {
+        format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
+    }
+}
+
+enum Encoder<W: Write> {
+    Plain(W),
+    Gzip(flate2::write::GzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::Plain(inner) => inner.write(data),
+            Encoder::Gzip(inner) => inner.write(data),
+            Encoder::Zstd(inner) => inner.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Plain(inner) => inner.flush(),
+            Encoder::Gzip(inner) => inner.flush(),
+            Encoder::Zstd(inner) => inner.flush(),
+        }
+    }
+}
+
+impl<W: Write> Encoder<W> {
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Encoder::Plain(inner) => Ok(inner),
+            Encoder::Gzip(inner) => inner.finish(),
+            Encoder::Zstd(inner) => inner.finish(),
+        }
+    }
+}
+
+/// Writes the layer tar of `length` bytes of `data` named `disk/<name>`.
+fn write_layer(
+    data: &mut dyn Read,
+    length: u64,
+    name: &str,
+    compression: LayerCompression,
+    sink: impl Write,
+) -> Result<LayerFacts, ImportError> {
+    let blob = Hashing::new(sink);
+    let encoder = match compression {
+        LayerCompression::None => Encoder::Plain(blob),
+        LayerCompression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(blob, flate2::Compression::fast())),
+        LayerCompression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(blob, 1).map_err(ImportError::Layer)?),
+    };
+    let mut builder = tar::Builder::new(Hashing::new(io::BufWriter::with_capacity(COPY_BUFFER, encoder)));
+    let mut directory = tar::Header::new_gnu();
+    directory.set_entry_type(tar::EntryType::Directory);
+    directory.set_mode(0o755);
+    directory.set_size(0);
+    directory.set_mtime(0);
+    builder.append_data(&mut directory, "disk/", io::empty()).map_err(ImportError::Layer)?;
+    let mut file = tar::Header::new_gnu();
+    file.set_entry_type(tar::EntryType::Regular);
+    file.set_mode(0o644);
+    file.set_size(length);
+    file.set_mtime(0);
+    builder
+        .append_data(&mut file, format!("disk/{name}"), data)
+        .map_err(|error| match error.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => ImportError::source_read(error),
+            _ => ImportError::Layer(error),
+        })?;
+    let tar = builder.into_inner().map_err(ImportError::Layer)?;
+    let diff_id = tar.digest();
+    let encoder = tar.inner.into_inner().map_err(|error| ImportError::Layer(error.into_error()))?;
+    let mut blob = encoder.finish().map_err(ImportError::Layer)?;
+    blob.flush().map_err(ImportError::Layer)?;
+    Ok(LayerFacts {
+        digest: blob.digest(),
+        diff_id,
+        size: blob.written,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_safe_and_lose_the_wrapper_extension() {
+        use detect::Compression::*;
+        assert_eq!(disk_file_name("jammy-server-cloudimg-amd64.img", None), "jammy-server-cloudimg-amd64.img");
+        assert_eq!(disk_file_name("/a/b/debian.qcow2.xz", Some(Xz)), "debian.qcow2");
+        assert_eq!(disk_file_name("image.qcow2.gz", None), "image.qcow2.gz");
+        assert_eq!(disk_file_name("../../etc/passwd", None), "passwd");
+        assert_eq!(disk_file_name("..", None), "disk.img");
+        assert_eq!(disk_file_name("a b%20c", None), "a_b_20c");
+        assert_eq!(disk_file_name("", None), "disk.img");
+    }
+}

@@ -1,0 +1,347 @@
+//! `dvcr import` end to end: a real HTTP server (Python's, with the
+//! misbehaviours of tests/support/http_server.py), the real `dvcr serve`,
+//! and skopeo and containerd reading what was stored.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::containerd::{pull_and_compare, Containerd};
+use common::image::pseudo_random;
+use common::{require_tool, run, Server, DVCR};
+use serde_json::Value;
+
+/// tests/support/http_server.py serving `root` on 127.0.0.1.
+struct FileServer {
+    child: Child,
+    port: u16,
+}
+
+impl FileServer {
+    fn start(root: &Path) -> FileServer {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/http_server.py");
+        let mut child = Command::new(require_tool("python3"))
+            .arg(script)
+            .arg(root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start the test HTTP server");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout).read_line(&mut line).expect("port line");
+        let port = line.trim().parse().expect("the test HTTP server did not print its port");
+        FileServer { child, port }
+    }
+
+    fn url(&self, mode: &str, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{mode}/{name}", self.port)
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A qcow2 of 64 MiB virtual size with 6 MiB of data, made by qemu-img.
+fn make_qcow2(directory: &Path, name: &str) -> PathBuf {
+    let raw = directory.join(format!("{name}.raw"));
+    let file = std::fs::File::create(&raw).unwrap();
+    file.set_len(64 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&pseudo_random(4 << 20, 11), 0).unwrap();
+    file.write_all_at(&pseudo_random(2 << 20, 12), 40 << 20).unwrap();
+    let image = directory.join(name);
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "qcow2"]).arg(&raw).arg(&image));
+    std::fs::remove_file(raw).unwrap();
+    image
+}
+
+fn compress(path: &Path, extension: &str) -> PathBuf {
+    let data = std::fs::read(path).unwrap();
+    let packed = match extension {
+        "gz" => {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut encoder, &data).unwrap();
+            encoder.finish().unwrap()
+        }
+        "xz" => {
+            let mut encoder = xz2::write::XzEncoder::new(Vec::new(), 1);
+            std::io::Write::write_all(&mut encoder, &data).unwrap();
+            encoder.finish().unwrap()
+        }
+        "zst" => zstd::encode_all(data.as_slice(), 3).unwrap(),
+        other => panic!("unknown extension {other}"),
+    };
+    let target = PathBuf::from(format!("{}.{extension}", path.display()));
+    std::fs::write(&target, packed).unwrap();
+    target
+}
+
+fn dvcr_import(source: &str, destination: &str, extra: &[&str]) -> Output {
+    Command::new(DVCR)
+        .args(["import", source, destination, "--retry-delay-ms", "50"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn import_ok(source: &str, destination: &str, extra: &[&str]) -> Value {
+    let output = dvcr_import(source, destination, extra);
+    assert!(
+        output.status.success(),
+        "import of {source} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the report is JSON")
+}
+
+fn curl(url: &str) -> Vec<u8> {
+    let output = Command::new(require_tool("curl")).args(["-sf", url]).output().unwrap();
+    assert!(output.status.success(), "curl {url} failed");
+    output.stdout
+}
+
+fn tags(server: &Server, repository: &str) -> Vec<String> {
+    let output = Command::new(require_tool("curl"))
+        .args(["-s", &server.url(&format!("/v2/{repository}/tags/list"))])
+        .output()
+        .unwrap();
+    let value: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    value["tags"]
+        .as_array()
+        .map(|tags| tags.iter().filter_map(|tag| tag.as_str().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+/// The entries of the stored artifact's one layer: (path, mode, bytes).
+fn stored_disk(server: &Server, repository: &str, tag: &str) -> Vec<(String, u32, Vec<u8>)> {
+    let manifest: Value = serde_json::from_slice(&curl(&server.url(&format!("/v2/{repository}/manifests/{tag}")))).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "exactly one layer");
+    let digest = layers[0]["digest"].as_str().unwrap();
+    let blob = curl(&server.url(&format!("/v2/{repository}/blobs/{digest}")));
+    let media_type = layers[0]["mediaType"].as_str().unwrap();
+    let tar_bytes = if media_type.ends_with("gzip") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(blob.as_slice()).read_to_end(&mut out).unwrap();
+        out
+    } else if media_type.ends_with("zstd") {
+        zstd::decode_all(blob.as_slice()).unwrap()
+    } else {
+        blob
+    };
+    let mut archive = tar::Archive::new(tar_bytes.as_slice());
+    archive
+        .entries()
+        .unwrap()
+        .map(|entry| {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().display().to_string();
+            let mode = entry.header().mode().unwrap();
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            (path, mode, data)
+        })
+        .collect()
+}
+
+fn assert_disk(server: &Server, repository: &str, tag: &str, name: &str, expected: &[u8]) {
+    let entries = stored_disk(server, repository, tag);
+    assert_eq!(entries.len(), 2, "{repository}:{tag}: disk/ and one file");
+    assert_eq!((entries[0].0.as_str(), entries[0].1), ("disk/", 0o755));
+    assert_eq!((entries[1].0.as_str(), entries[1].1), (format!("disk/{name}").as_str(), 0o644));
+    assert!(entries[1].2 == expected, "{repository}:{tag}: stored disk differs from the source");
+}
+
+#[test]
+fn http_imports_are_stored_unpacked_and_pullable_by_skopeo_and_containerd() {
+    let directory = tempfile::tempdir().unwrap();
+    let files = directory.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let qcow2 = make_qcow2(&files, "disk.qcow2");
+    let expected = std::fs::read(&qcow2).unwrap();
+    for extension in ["gz", "xz", "zst"] {
+        compress(&qcow2, extension);
+    }
+    let web = FileServer::start(&files);
+    let server = Server::start(&directory.path().join("registry"));
+    let registry = &server.address;
+
+    for (index, (name, compression)) in [
+        ("disk.qcow2", "none"),
+        ("disk.qcow2.gz", "gzip"),
+        ("disk.qcow2.xz", "zstd"),
+        ("disk.qcow2.zst", "none"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let tag = format!("uid-{index}");
+        let report = import_ok(
+            &web.url("plain", name),
+            &format!("{registry}/vi/vms/ubuntu:{tag}"),
+            &["--layer-compression", compression],
+        );
+        assert_eq!(report["source-image-format"], "qcow2", "{name}");
+        assert_eq!(report["source-image-size"], expected.len() as u64, "{name}");
+        assert_eq!(report["source-image-virtual-size"], 64u64 << 20, "{name}");
+        assert_eq!(report["cdrom"], false);
+        assert_disk(&server, "vi/vms/ubuntu", &tag, "disk.qcow2", &expected);
+    }
+
+    let inspected = run(Command::new(require_tool("skopeo")).args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{registry}/vi/vms/ubuntu:uid-1"),
+    ]));
+    let inspected: Value = serde_json::from_str(&inspected).unwrap();
+    let labels = &inspected["Labels"];
+    assert_eq!(labels["source-image-format"], "qcow2");
+    assert_eq!(labels["source-image-size"], expected.len().to_string());
+    assert_eq!(labels["source-image-virtual-size"], (64u64 << 20).to_string());
+    assert_eq!(inspected["Architecture"], "amd64");
+
+    let containerd = Containerd::start(&directory.path().join("containerd"));
+    for tag in ["uid-0", "uid-1", "uid-2"] {
+        pull_and_compare(
+            &containerd,
+            &format!("{registry}/vi/vms/ubuntu:{tag}"),
+            &directory.path().join(format!("mount-{tag}")),
+            &[("disk/disk.qcow2", &expected)],
+        );
+    }
+}
+
+#[test]
+fn sources_that_misbehave_are_resumed_retried_or_followed() {
+    let directory = tempfile::tempdir().unwrap();
+    let files = directory.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let qcow2 = make_qcow2(&files, "disk.qcow2");
+    let expected = std::fs::read(&qcow2).unwrap();
+    let web = FileServer::start(&files);
+    let server = Server::start(&directory.path().join("registry"));
+    let sha256 = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&expected)));
+    for mode in ["cut", "flaky", "redirect", "chunked", "noranges"] {
+        let destination = format!("{}/vi/vms/{mode}:uid", server.address);
+        let report = import_ok(&web.url(mode, "disk.qcow2"), &destination, &["--checksum", &sha256]);
+        assert_eq!(report["source-image-size"], expected.len() as u64, "{mode}");
+        assert_disk(&server, &format!("vi/vms/{mode}"), "uid", "disk.qcow2", &expected);
+    }
+}
+
+#[test]
+fn failed_imports_say_why_and_tag_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let files = directory.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let qcow2 = make_qcow2(&files, "disk.qcow2");
+    let backed = files.join("backed.qcow2");
+    run(Command::new(require_tool("qemu-img"))
+        .args(["create", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&qcow2)
+        .arg(&backed));
+    let web = FileServer::start(&files);
+    let server = Server::start(&directory.path().join("registry"));
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let cases: Vec<(String, Vec<&str>, i32, &str, &str)> = vec![
+        (web.url("plain", "disk.qcow2"), vec!["--checksum", &wrong], 1, "BadImageChecksum", "checksum of the downloaded bytes"),
+        (web.url("plain", "nothere.qcow2"), vec![], 1, "SourceUnavailable", "answered HTTP 404"),
+        (web.url("cutnoranges", "disk.qcow2"), vec![], 75, "SourceReadFailed", "does not support Range requests"),
+        (web.url("plain", "backed.qcow2"), vec![], 1, "BadImage", "has a backing file"),
+    ];
+    for (index, (url, extra, code, reason, message)) in cases.into_iter().enumerate() {
+        let report_file = directory.path().join(format!("report-{index}.json"));
+        let mut arguments = extra.clone();
+        let report_text = report_file.display().to_string();
+        arguments.extend_from_slice(&["--report-file", &report_text]);
+        let output = dvcr_import(&url, &format!("{}/vi/vms/failed:uid-{index}", server.address), &arguments);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{url}: {stderr}");
+        assert!(stderr.contains(message), "{url}: expected {message:?} in {stderr}");
+        let report: Value = serde_json::from_slice(&std::fs::read(&report_file).unwrap()).unwrap();
+        assert_eq!(report["reason"], reason, "{url}");
+        assert!(report["error-message"].as_str().unwrap().contains(message), "{url}");
+    }
+    assert!(tags(&server, "vi/vms/failed").is_empty(), "a failed import left a tag");
+}
+
+#[test]
+fn progress_gauges_are_served_while_importing() {
+    let directory = tempfile::tempdir().unwrap();
+    let files = directory.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("slow.img"), pseudo_random(3 << 20, 5)).unwrap();
+    let web = FileServer::start(&files);
+    let server = Server::start(&directory.path().join("registry"));
+    let metrics_port = common::free_port();
+    let mut child = Command::new(DVCR)
+        .args(["import", &web.url("slow", "slow.img"), &format!("{}/cvi/slow:uid", server.address)])
+        .args(["--owner-uid", "1234-abcd", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        let output = Command::new(require_tool("curl"))
+            .args(["-s", &format!("http://127.0.0.1:{metrics_port}/metrics")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        for line in text.lines() {
+            if let Some(value) = line.strip_prefix("registry_progress{ownerUID=\"1234-abcd\"} ") {
+                seen.push(value.parse::<f64>().unwrap());
+            }
+        }
+        if text.contains("registry_average_speed{ownerUID=\"1234-abcd\"}") {
+            assert!(text.contains("registry_current_speed{ownerUID=\"1234-abcd\"}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(seen.iter().any(|value| *value > 0.0 && *value < 100.0), "no progress between 0 and 100 seen: {seen:?}");
+    assert!(seen.windows(2).all(|pair| pair[0] <= pair[1]), "progress went backwards: {seen:?}");
+    assert!(seen.iter().all(|value| *value < 100.0), "100% before the image was stored: {seen:?}");
+}
+
+#[test]
+fn local_files_standard_input_and_copies_within_the_registry() {
+    let directory = tempfile::tempdir().unwrap();
+    let qcow2 = make_qcow2(directory.path(), "local.qcow2");
+    let expected = std::fs::read(&qcow2).unwrap();
+    let server = Server::start(&directory.path().join("registry"));
+    let registry = &server.address;
+    import_ok(&qcow2.display().to_string(), &format!("{registry}/vi/vms/local:uid"), &[]);
+    assert_disk(&server, "vi/vms/local", "uid", "local.qcow2", &expected);
+
+    let xz = compress(&qcow2, "xz");
+    let output = Command::new(DVCR)
+        .args(["import", "-", &format!("{registry}/vd/vms/piped:uid")])
+        .stdin(std::fs::File::open(&xz).unwrap())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_disk(&server, "vd/vms/piped", "uid", "disk.img", &expected);
+
+    let report = import_ok(
+        &format!("docker://{registry}/vi/vms/local:uid"),
+        &format!("{registry}/cvi/copied:uid2"),
+        &[],
+    );
+    assert_eq!(report["source-image-format"], "qcow2");
+    assert_eq!(report["source-image-size"], expected.len() as u64);
+    assert_disk(&server, "cvi/copied", "uid2", "local.qcow2", &expected);
+    assert!(server.log().contains("blob mounted"), "the copy moved data instead of mounting");
+}
