@@ -7,6 +7,7 @@
 //!   detection and checks, the layer tar).
 //! - [`registry_client`]: the OCI Distribution client it pushes with.
 //! - [`progress`]: gauges, the final report, a terminal bar.
+//! - [`upload_server`]: `curl -T` uploads into the same pipeline.
 
 pub mod artifact;
 pub mod channel_io;
@@ -16,6 +17,7 @@ pub mod import;
 pub mod pipeline;
 pub mod progress;
 pub mod reference;
+pub mod upload_server;
 pub mod registry_client;
 
 use std::io;
@@ -73,6 +75,9 @@ pub enum ImportError {
     /// The registry refused or failed.
     #[error("{0}{hint}", hint = registry_hint(.0))]
     Registry(#[from] registry_client::RegistryError),
+    /// The source has no bytes at all.
+    #[error("the image is empty (0 bytes): check the URL or the file that was sent")]
+    EmptySource,
     /// The arguments do not make sense.
     #[error("{0}")]
     Usage(String),
@@ -118,7 +123,7 @@ impl ImportError {
             ImportError::BadChecksum { .. } => "BadImageChecksum",
             ImportError::HttpStatus { .. } | ImportError::GaveUp { .. } | ImportError::Http(..) => "SourceUnavailable",
             ImportError::SourceRead(_) => "SourceReadFailed",
-            ImportError::Converter(_) | ImportError::TooLarge(_) | ImportError::NotAnArtifact(_) => "BadImage",
+            ImportError::Converter(_) | ImportError::TooLarge(_) | ImportError::NotAnArtifact(_) | ImportError::EmptySource => "BadImage",
             ImportError::Scratch(..) | ImportError::Layer(_) => "ImporterFailed",
             ImportError::Registry(_) => "RegistryFailed",
             ImportError::Usage(_) => "BadArguments",

@@ -89,6 +89,9 @@ pub fn build_layer(
     let mut head = vec![0u8; HEAD_BYTES];
     let length = unwrap::read_up_to(&mut counted, &mut head).map_err(ImportError::source_read)?;
     head.truncate(length);
+    if head.is_empty() {
+        return Err(ImportError::EmptySource);
+    }
     let wrapper = detect::detect_compression(&head);
     let file_name = disk_file_name(&options.file_name, wrapper);
 

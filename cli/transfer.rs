@@ -1,0 +1,356 @@
+//! `dvcr import` and `dvcr upload-server`: their flags, and how their
+//! outcome becomes a report file and an exit code.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::ValueEnum;
+use dvcr_importer::pipeline::{LayerCompression, PipelineOptions};
+use dvcr_importer::progress::{Progress, Report};
+use dvcr_importer::reference::ImageReference;
+use dvcr_importer::registry_client::{ClientOptions, Credentials, RegistryClient};
+
+/// Exit code of a failure that may go away if retried (EX_TEMPFAIL).
+const EXIT_TRANSIENT: u8 = 75;
+
+/// Why a subcommand failed, with the exit code it deserves.
+pub struct CommandFailure {
+    pub error: anyhow::Error,
+    pub code: u8,
+}
+
+fn permanent(error: anyhow::Error) -> CommandFailure {
+    CommandFailure { error, code: 1 }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LayerCompressionArg {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// How the destination registry is reached and what is stored there.
+#[derive(clap::Args)]
+pub struct PushArgs {
+    /// A dockerconfigjson file (a Kubernetes pull secret) with credentials for the destination registry.
+    #[arg(long)]
+    auth_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for the destination registry.
+    #[arg(long)]
+    registry_ca_bundle: Option<PathBuf>,
+    /// Speak plain HTTP to the destination registry (loopback registries always do).
+    #[arg(long)]
+    plain_http: bool,
+    /// Compression of the stored layer.
+    #[arg(long, value_enum, default_value_t = LayerCompressionArg::None)]
+    layer_compression: LayerCompressionArg,
+    /// Refuse images whose virtual or unpacked size is larger (bytes).
+    #[arg(long, default_value_t = dvcr_converter::DEFAULT_MAX_VIRTUAL_SIZE)]
+    max_virtual_size: u64,
+    /// Where a compressed image, or one of unknown length, is unpacked before it is sent.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    scratch_dir: PathBuf,
+}
+
+/// Progress and outcome reporting.
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// Label value of the progress gauges (the owning resource's UID).
+    #[arg(long, default_value = "")]
+    owner_uid: String,
+    /// Serve the progress gauges at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Write the final JSON report here, on success and on failure (a termination-message path).
+    #[arg(long)]
+    report_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// http(s)://URL, a file path, `-` (standard input), or docker://HOST/REPOSITORY:TAG in the destination registry.
+    source: String,
+    /// Destination: HOST[:PORT]/REPOSITORY:TAG, for example dvcr.example/vi/vms/ubuntu:UID.
+    destination: String,
+    /// Expected checksum of the downloaded bytes, ALG:HEX (md5, sha1, sha256, sha512); repeatable.
+    #[arg(long = "checksum")]
+    checksums: Vec<dvcr_importer::checksum::ExpectedChecksum>,
+    /// PEM CA certificates to trust for an HTTPS source.
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
+    /// Retries of transient source failures.
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// Delay before the first retry, in milliseconds (doubled each time).
+    #[arg(long, default_value_t = 1000)]
+    retry_delay_ms: u64,
+    #[command(flatten)]
+    push: PushArgs,
+    #[command(flatten)]
+    report: ReportArgs,
+}
+
+#[derive(clap::Args)]
+pub struct UploadServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Destination: HOST[:PORT]/REPOSITORY:TAG.
+    #[arg(long)]
+    destination: String,
+    /// Give up when no upload has been stored within this time (30s, 15m, 1h).
+    #[arg(long, value_parser = parse_duration, default_value = "15m")]
+    timeout: Duration,
+    /// Keep serving after the image is stored (later uploads get 409).
+    #[arg(long)]
+    keep_running: bool,
+    #[command(flatten)]
+    push: PushArgs,
+    #[command(flatten)]
+    report: ReportArgs,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 15m or 1h"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "m" => value * 60,
+        "h" => value * 3600,
+        _ => return Err(format!("{text:?} is not a duration like 30s, 15m or 1h")),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+fn read_optional(path: &Option<PathBuf>, what: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    path.as_ref()
+        .map(|path| std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display())))
+        .transpose()
+}
+
+impl PushArgs {
+    fn client_options(&self, destination: &ImageReference) -> anyhow::Result<ClientOptions> {
+        let credentials = match read_optional(&self.auth_file, "auth file")? {
+            Some(document) => Credentials::from_docker_config(&document, &destination.host)
+                .map_err(|reason| anyhow::anyhow!("the auth file is unusable: {reason}"))?,
+            None => None,
+        };
+        Ok(ClientOptions {
+            ca_bundle: read_optional(&self.registry_ca_bundle, "registry CA bundle")?,
+            plain_http: self.plain_http,
+            credentials,
+        })
+    }
+
+    fn pipeline(&self, checksums: Vec<dvcr_importer::checksum::ExpectedChecksum>) -> PipelineOptions {
+        PipelineOptions {
+            checksums,
+            max_virtual_size: self.max_virtual_size,
+            layer_compression: match self.layer_compression {
+                LayerCompressionArg::None => LayerCompression::None,
+                LayerCompressionArg::Gzip => LayerCompression::Gzip,
+                LayerCompressionArg::Zstd => LayerCompression::Zstd,
+            },
+            file_name: String::new(),
+            scratch_dir: self.scratch_dir.clone(),
+        }
+    }
+}
+
+impl ReportArgs {
+    async fn serve_metrics(&self, progress: Arc<Progress>) -> Result<(), CommandFailure> {
+        if let Some(address) = self.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} for metrics"))
+                .map_err(permanent)?;
+            tokio::spawn(dvcr_importer::progress::serve_metrics(listener, progress, self.owner_uid.clone()));
+        }
+        Ok(())
+    }
+
+    /// Writes the report (success or failure) and turns the outcome into
+    /// the command's result.
+    fn conclude(&self, progress: &Progress, outcome: Result<Report, (&'static str, anyhow::Error, u8)>) -> Result<(), CommandFailure> {
+        let report = match &outcome {
+            Ok(report) => report.clone(),
+            Err((reason, error, _)) => Report {
+                duration: progress.elapsed().as_nanos() as u64,
+                average_speed: progress.average_speed() as u64,
+                error_message: Some(format!("{error:#}")),
+                reason: Some(reason.to_string()),
+                ..Report::default()
+            },
+        };
+        let text = serde_json::to_string(&report).unwrap_or_default();
+        if let Some(path) = &self.report_file {
+            std::fs::write(path, &text)
+                .with_context(|| format!("cannot write the report to {}", path.display()))
+                .map_err(permanent)?;
+        }
+        match outcome {
+            Ok(_) => {
+                println!("{text}");
+                Ok(())
+            }
+            Err((_, error, code)) => Err(CommandFailure { error, code }),
+        }
+    }
+}
+
+fn classify(error: dvcr_importer::ImportError) -> (&'static str, anyhow::Error, u8) {
+    let code = if error.is_permanent() { 1 } else { EXIT_TRANSIENT };
+    (error.reason(), anyhow::Error::new(error), code)
+}
+
+async fn import(args: ImportArgs) -> Result<(), CommandFailure> {
+    let progress = Arc::new(Progress::default());
+    args.report.serve_metrics(progress.clone()).await?;
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| tokio::spawn(dvcr_importer::progress::terminal_bar(progress.clone())));
+    let request = (|| -> anyhow::Result<dvcr_importer::import::ImportRequest> {
+        let destination = ImageReference::parse(&args.destination)?;
+        Ok(dvcr_importer::import::ImportRequest {
+            source: dvcr_importer::import::Source::parse(&args.source)?,
+            registry: args.push.client_options(&destination)?,
+            destination,
+            pipeline: args.push.pipeline(args.checksums.clone()),
+            source_ca_bundle: read_optional(&args.ca_bundle, "CA bundle")?,
+            retry: dvcr_importer::http_source::RetryPolicy {
+                retries: args.retries,
+                first_delay: Duration::from_millis(args.retry_delay_ms),
+            },
+        })
+    })();
+    let outcome = match request {
+        Ok(request) => dvcr_importer::import::import(request, progress.clone()).await.map_err(classify),
+        Err(error) => Err(("BadArguments", error, 1)),
+    };
+    if let Some(bar) = bar {
+        bar.abort();
+        eprintln!("\r\x1b[2K{}", progress.bar_line());
+    }
+    args.report.conclude(&progress, outcome)
+}
+
+/// `dvcr import`.
+pub fn run_import(args: ImportArgs) -> Result<(), CommandFailure> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime").map_err(permanent)?;
+    runtime.block_on(import(args))
+}
+
+async fn upload_server(args: UploadServerArgs) -> Result<(), CommandFailure> {
+    use dvcr_importer::upload_server::{single_upload_router, UploadSlot};
+    let destination = ImageReference::parse(&args.destination).map_err(|error| permanent(error.into()))?;
+    let options = args.push.client_options(&destination).map_err(permanent)?;
+    let mut client = RegistryClient::new(&destination, &options).map_err(|error| permanent(error.into()))?;
+    client
+        .authorize(&[&destination.repository], "pull,push")
+        .await
+        .map_err(|error| classify(error.into()))
+        .map_err(|(_, error, code)| CommandFailure { error, code })?;
+    let slot = Arc::new(UploadSlot::new(Arc::new(client), destination.clone(), args.push.pipeline(Vec::new())));
+    let progress_view = Arc::new(Progress::default());
+    if args.report.metrics_listen.is_some() {
+        // The gauges follow whichever upload is current.
+        let slot_for_metrics = slot.clone();
+        let address = args.report.metrics_listen;
+        let owner = args.report.owner_uid.clone();
+        if let Some(address) = address {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} for metrics"))
+                .map_err(permanent)?;
+            let router = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let progress = slot_for_metrics.progress.lock().map(|current| current.clone()).unwrap_or_default();
+                    let body = progress.metrics(&owner);
+                    async move { body }
+                }),
+            );
+            tokio::spawn(async move { axum::serve(listener, router).await });
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))
+        .map_err(permanent)?;
+    tracing::info!(listen = %args.listen, destination = %destination, timeout = ?args.timeout, "waiting for an upload");
+    let stored_slot = slot.clone();
+    let keep_running = args.keep_running;
+    let server = axum::serve(listener, single_upload_router(slot.clone())).with_graceful_shutdown(async move {
+        if keep_running {
+            std::future::pending::<()>().await;
+        }
+        loop {
+            let notified = stored_slot.stored.notified();
+            if stored_slot.stored_report().is_some() {
+                break;
+            }
+            notified.await;
+        }
+    });
+    let timeout = args.timeout;
+    let outcome = tokio::select! {
+        served = server => match served {
+            Ok(()) => slot.stored_report().ok_or(("UploaderFailed", anyhow::anyhow!("the server stopped before an image was stored"), 1)),
+            Err(error) => Err(("UploaderFailed", anyhow::Error::new(error).context("the upload server failed"), 1)),
+        },
+        _ = wait_for_timeout(slot.clone(), timeout) => Err((
+            "WaitForUserUploadTimeout",
+            anyhow::anyhow!("no image was uploaded within {}s; create a new upload", timeout.as_secs()),
+            1,
+        )),
+    };
+    let progress = slot.progress.lock().map(|current| current.clone()).unwrap_or(progress_view);
+    args.report.conclude(&progress, outcome)
+}
+
+/// Resolves when `timeout` has passed and no image is stored or arriving.
+async fn wait_for_timeout(slot: Arc<dvcr_importer::upload_server::UploadSlot>, timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+    // An upload under way at the deadline may finish; one that fails after
+    // it ends the wait.
+    while !slot.is_waiting() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `dvcr upload-server`.
+pub fn run_upload_server(args: UploadServerArgs) -> Result<(), CommandFailure> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime").map_err(permanent)?;
+    runtime.block_on(upload_server(args))
+}
+
+/// The upload sessions `dvcr serve` offers: uploads are pushed back to the
+/// registry itself over loopback, through the same pipeline as imports.
+pub fn upload_sessions(listening: SocketAddr) -> anyhow::Result<axum::Router> {
+    use dvcr_importer::upload_server::{session_router, UploadSessions};
+    let port = listening.port();
+    let host = if listening.ip().is_unspecified() || listening.ip().is_loopback() {
+        format!("127.0.0.1:{port}")
+    } else {
+        listening.to_string()
+    };
+    let own = ImageReference {
+        host: host.clone(),
+        repository: "self".into(),
+        reference: "latest".into(),
+    };
+    let client = RegistryClient::new(&own, &ClientOptions { plain_http: true, ..ClientOptions::default() })?;
+    let options = PipelineOptions {
+        checksums: Vec::new(),
+        max_virtual_size: dvcr_converter::DEFAULT_MAX_VIRTUAL_SIZE,
+        layer_compression: LayerCompression::None,
+        file_name: String::new(),
+        scratch_dir: std::env::temp_dir(),
+    };
+    Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options))))
+}
