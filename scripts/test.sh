@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs DVCR's whole test suite on a fresh Debian machine: installs the tools
-# the end-to-end tests drive (skopeo, containerd), builds with --locked, and
+# the end-to-end tests drive (skopeo, containerd, curl, python3, qemu), builds with --locked, and
 # runs every test. A test whose tool is missing fails; none is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +13,24 @@ missing=()
 command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
 { command -v containerd >/dev/null 2>&1 && command -v ctr >/dev/null 2>&1; } || missing+=(containerd)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+# Debian's qemu-system-x86 pulls Debian's qemu-utils in place of a newer
+# one: install both in one go so qemu-img and qemu-io stay consistent.
+{ command -v qemu-system-x86_64 >/dev/null 2>&1 && command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1; } \
+    || missing+=(qemu-system-x86 qemu-utils)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     as_root apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    packages=()
+    for package in "${missing[@]}"; do
+        # A newer qemu-utils (from backports) may be installed: take the
+        # release's own, which qemu-system-x86 depends on.
+        if [ "$package" = qemu-utils ]; then
+            package="qemu-utils/$(. /etc/os-release && echo "$VERSION_CODENAME")"
+        fi
+        packages+=("$package")
+    done
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --allow-downgrades "${packages[@]}"
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked

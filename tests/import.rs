@@ -345,3 +345,86 @@ fn local_files_standard_input_and_copies_within_the_registry() {
     assert_disk(&server, "cvi/copied", "uid2", "local.qcow2", &expected);
     assert!(server.log().contains("blob mounted"), "the copy moved data instead of mounting");
 }
+
+/// A boot sector that prints `DVCR-BOOT-OK` on the first serial port and
+/// halts (16-bit real mode, hand-assembled; see the comments).
+fn boot_sector() -> Vec<u8> {
+    let mut sector = vec![
+        0xfa, // cli
+        0x31, 0xc0, // xor ax, ax
+        0x8e, 0xd8, // mov ds, ax
+        0xfc, // cld
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8 (COM1)
+        0xbe, 0x17, 0x7c, // mov si, 0x7c17 (the message)
+        0xac, // next: lodsb
+        0x84, 0xc0, // test al, al
+        0x74, 0x03, // jz done
+        0xee, // out dx, al
+        0xeb, 0xf8, // jmp next
+        0xf4, // done: hlt
+        0xeb, 0xfd, // jmp done
+    ];
+    sector.extend_from_slice(b"DVCR-BOOT-OK\r\n\0");
+    sector.resize(510, 0);
+    sector.extend_from_slice(&[0x55, 0xaa]);
+    sector
+}
+
+#[test]
+fn an_imported_image_pulled_by_containerd_boots_in_qemu() {
+    let directory = tempfile::tempdir().unwrap();
+    let files = directory.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let raw = files.join("boot.raw");
+    let mut disk = boot_sector();
+    disk.resize(1 << 20, 0);
+    std::fs::write(&raw, disk).unwrap();
+    let qcow2 = files.join("boot.qcow2");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "qcow2"]).arg(&raw).arg(&qcow2));
+    let web = FileServer::start(&files);
+    let server = Server::start(&directory.path().join("registry"));
+    let reference = format!("{}/vi/vms/bootable:uid", server.address);
+    import_ok(&web.url("plain", "boot.qcow2"), &reference, &[]);
+
+    let containerd = Containerd::start(&directory.path().join("containerd"));
+    containerd.ctr(&["images", "pull", "--plain-http", "--snapshotter", "native", &reference]);
+    let mount_point = directory.path().join("mount");
+    std::fs::create_dir_all(&mount_point).unwrap();
+    let mount_text = mount_point.display().to_string();
+    containerd.ctr(&["images", "mount", "--snapshotter", "native", &reference, &mount_text]);
+    let pulled = mount_point.join("disk/boot.qcow2");
+    assert!(pulled.is_file(), "the pulled image has no disk/boot.qcow2");
+
+    let serial = directory.path().join("serial.log");
+    let mut qemu = Command::new(require_tool("qemu-system-x86_64"))
+        .args(["-machine", "pc", "-accel", "tcg", "-m", "32", "-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=qcow2,if=ide,snapshot=on", pulled.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut booted = false;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(&serial).is_ok_and(|text| text.contains("DVCR-BOOT-OK")) {
+            booted = true;
+            break;
+        }
+        if let Ok(Some(status)) = qemu.try_wait() {
+            panic!("qemu exited with {status} before booting");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = qemu.kill();
+    let output = qemu.wait_with_output().unwrap();
+    containerd.ctr(&["images", "unmount", "--rm", &mount_text]);
+    assert!(
+        booted,
+        "no boot marker on the serial console within 60 s; serial: {:?}; qemu: {}",
+        std::fs::read_to_string(&serial).unwrap_or_default(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
