@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::image::pseudo_random;
-use common::{require_tool, run, DVCR};
+use common::{compress_file, require_tool, run, DVCR};
 use serde_json::Value;
 
 /// A raw disk with data, explicit zeros, holes and a partial last cluster.
@@ -372,32 +372,6 @@ fn hostile_qcow2_images_are_refused_with_their_reason() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("above the limit"));
 }
 
-fn wrap(path: &Path, wrapper: &str) -> PathBuf {
-    let data = std::fs::read(path).unwrap();
-    let packed: Vec<u8> = match wrapper {
-        "gz" => {
-            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            std::io::Write::write_all(&mut encoder, &data).unwrap();
-            encoder.finish().unwrap()
-        }
-        "xz" => {
-            let mut encoder = xz2::write::XzEncoder::new(Vec::new(), 1);
-            std::io::Write::write_all(&mut encoder, &data).unwrap();
-            encoder.finish().unwrap()
-        }
-        "zst" => zstd::encode_all(data.as_slice(), 1).unwrap(),
-        "bz2" => {
-            let mut encoder = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
-            std::io::Write::write_all(&mut encoder, &data).unwrap();
-            encoder.finish().unwrap()
-        }
-        other => panic!("unknown wrapper {other}"),
-    };
-    let wrapped = PathBuf::from(format!("{}.{wrapper}", path.display()));
-    std::fs::write(&wrapped, packed).unwrap();
-    wrapped
-}
-
 #[test]
 fn wrapped_images_are_unpacked_and_agree_with_qemu_img() {
     let directory = tempfile::tempdir().unwrap();
@@ -412,7 +386,7 @@ fn wrapped_images_are_unpacked_and_agree_with_qemu_img() {
     for (inner, format) in [(&raw, "raw"), (&qcow2, "qcow2"), (&vmdk, "vmdk"), (&vhd, "vpc"), (&vdi, "vdi")] {
         let qemu = qemu_info(inner);
         for (wrapper, name) in [("gz", "gzip"), ("xz", "xz"), ("zst", "zstd"), ("bz2", "bzip2")] {
-            let wrapped = wrap(inner, wrapper);
+            let wrapped = compress_file(inner, wrapper);
             let info = dvcr_info(&wrapped);
             assert_eq!(info["wrapper"], name, "{format}.{wrapper}");
             assert_eq!(info["format"], format, "{format}.{wrapper}");
@@ -421,14 +395,19 @@ fn wrapped_images_are_unpacked_and_agree_with_qemu_img() {
             run(Command::new(DVCR).arg("convert").arg(&wrapped).arg(&converted));
             run(Command::new(require_tool("cmp")).arg(&expected).arg(&converted));
             assert!(allocated_bytes(&converted) <= allocated_bytes(&expected) + (64 << 10), "{format}.{wrapper}: not sparse");
-            let leftovers: Vec<_> = std::fs::read_dir(directory.path())
-                .unwrap()
-                .flatten()
-                .filter(|entry| entry.file_name().to_string_lossy().contains("dvcr-unpacked"))
-                .collect();
-            assert!(leftovers.is_empty(), "scratch file left behind");
+            assert_no_scratch_left(directory.path());
         }
     }
+}
+
+/// Fails if a conversion left its scratch file in `directory`.
+fn assert_no_scratch_left(directory: &Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(directory)
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().contains("dvcr-unpacked"))
+        .collect();
+    assert!(leftovers.is_empty(), "scratch file left behind: {leftovers:?}");
 }
 
 /// `dvcr convert - DEST` with `file` on standard input.
@@ -449,8 +428,8 @@ fn standard_input_is_a_source() {
     let qcow2 = directory.path().join("inner.qcow2");
     qemu_img(&["convert", "-c", "-O", "qcow2", &raw.display().to_string(), &qcow2.display().to_string()]);
     let vmdk = make_other_format(&raw, directory.path(), "inner.vmdk", "vmdk", &["-o", "subformat=streamOptimized"]);
-    let raw_gz = wrap(&raw, "gz");
-    let qcow2_xz = wrap(&qcow2, "xz");
+    let raw_gz = compress_file(&raw, "gz");
+    let qcow2_xz = compress_file(&qcow2, "xz");
     for input in [&raw, &raw_gz, &qcow2, &qcow2_xz, &vmdk] {
         let converted = directory.path().join("from-stdin.raw");
         let output = convert_from_stdin(input, &converted, &[]);
@@ -468,12 +447,7 @@ fn standard_input_is_a_source() {
         assert!(stderr.contains("limit of 1048576 bytes"), "{}: {stderr}", input.display());
         assert!(!converted.exists(), "{}: output left behind", input.display());
     }
-    let leftovers: Vec<_> = std::fs::read_dir(directory.path())
-        .unwrap()
-        .flatten()
-        .filter(|entry| entry.file_name().to_string_lossy().contains("dvcr-unpacked"))
-        .collect();
-    assert!(leftovers.is_empty(), "scratch file left behind");
+    assert_no_scratch_left(directory.path());
     let output = convert_from_stdin(&raw, &directory.path().join("out.qcow2"), &["-O", "qcow2"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("the source is standard input"));
@@ -485,7 +459,7 @@ fn compression_bombs_stop_at_the_limit_and_leave_nothing() {
     let zeros = directory.path().join("zeros.raw");
     std::fs::write(&zeros, vec![0u8; 64 << 20]).unwrap();
     for wrapper in ["gz", "xz", "zst", "bz2"] {
-        let bomb = wrap(&zeros, wrapper);
+        let bomb = compress_file(&zeros, wrapper);
         let destination = directory.path().join(format!("bomb-{wrapper}.raw"));
         for command in ["info", "convert"] {
             let mut invocation = Command::new(DVCR);

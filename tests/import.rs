@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::containerd::{pull_and_compare, Containerd};
 use common::image::pseudo_random;
-use common::{require_tool, run, Server, DVCR};
+use common::{compress_file, require_tool, run, Server, DVCR};
 use serde_json::Value;
 
 /// tests/support/http_server.py serving `root` on 127.0.0.1.
@@ -61,27 +61,6 @@ fn make_qcow2(directory: &Path, name: &str) -> PathBuf {
     run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "qcow2"]).arg(&raw).arg(&image));
     std::fs::remove_file(raw).unwrap();
     image
-}
-
-fn compress(path: &Path, extension: &str) -> PathBuf {
-    let data = std::fs::read(path).unwrap();
-    let packed = match extension {
-        "gz" => {
-            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            std::io::Write::write_all(&mut encoder, &data).unwrap();
-            encoder.finish().unwrap()
-        }
-        "xz" => {
-            let mut encoder = xz2::write::XzEncoder::new(Vec::new(), 1);
-            std::io::Write::write_all(&mut encoder, &data).unwrap();
-            encoder.finish().unwrap()
-        }
-        "zst" => zstd::encode_all(data.as_slice(), 3).unwrap(),
-        other => panic!("unknown extension {other}"),
-    };
-    let target = PathBuf::from(format!("{}.{extension}", path.display()));
-    std::fs::write(&target, packed).unwrap();
-    target
 }
 
 fn dvcr_import(source: &str, destination: &str, extra: &[&str]) -> Output {
@@ -168,7 +147,7 @@ fn http_imports_are_stored_unpacked_and_pullable_by_skopeo_and_containerd() {
     let qcow2 = make_qcow2(&files, "disk.qcow2");
     let expected = std::fs::read(&qcow2).unwrap();
     for extension in ["gz", "xz", "zst"] {
-        compress(&qcow2, extension);
+        compress_file(&qcow2, extension);
     }
     let web = FileServer::start(&files);
     let server = Server::start(&directory.path().join("registry"));
@@ -326,7 +305,7 @@ fn local_files_standard_input_and_copies_within_the_registry() {
     import_ok(&qcow2.display().to_string(), &format!("{registry}/vi/vms/local:uid"), &[]);
     assert_disk(&server, "vi/vms/local", "uid", "local.qcow2", &expected);
 
-    let xz = compress(&qcow2, "xz");
+    let xz = compress_file(&qcow2, "xz");
     let output = Command::new(DVCR)
         .args(["import", "-", &format!("{registry}/vd/vms/piped:uid")])
         .stdin(std::fs::File::open(&xz).unwrap())

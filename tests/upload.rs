@@ -20,9 +20,19 @@ fn make_qcow2(directory: &Path, data_mib: usize) -> Vec<u8> {
     std::fs::read(image).unwrap()
 }
 
+/// A running `dvcr upload-server`, killed when dropped.
 struct UploadServer {
-    child: Child,
+    child: Option<Child>,
     url: String,
+}
+
+impl Drop for UploadServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl UploadServer {
@@ -41,11 +51,11 @@ impl UploadServer {
             assert!(Instant::now() < deadline, "upload-server did not listen");
             std::thread::sleep(Duration::from_millis(25));
         }
-        UploadServer { child, url }
+        UploadServer { child: Some(child), url }
     }
 
-    fn wait(self) -> Output {
-        let mut child = self.child;
+    fn wait(mut self) -> Output {
+        let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(60);
         while child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
@@ -162,9 +172,6 @@ fn concurrent_interrupted_and_late_uploads() {
 
     let (late, _) = curl(&["-T", &image_path, &uploader.url]);
     assert_eq!(late, 409, "an upload after the image was stored was not refused");
-    let mut child = uploader.child;
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]

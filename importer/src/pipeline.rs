@@ -298,17 +298,19 @@ impl<R: Read> Read for ExactLength<'_, R> {
     }
 }
 
-/// A writer that hashes and counts what passes through.
+/// A writer that counts what passes through and, when asked, hashes it.
 struct Hashing<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     written: u64,
 }
 
 impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let written = self.inner.write(data)?;
-        self.hasher.update(&data[..written]);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&data[..written]);
+        }
         self.written += written as u64;
         Ok(written)
     }
@@ -319,16 +321,18 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 impl<W> Hashing<W> {
-    fn new(inner: W) -> Self {
+    fn new(inner: W, hash: bool) -> Self {
         Hashing {
             inner,
-            hasher: Sha256::new(),
+            hasher: hash.then(Sha256::new),
             written: 0,
         }
     }
 
-    fn digest(&self) -> String {
-        format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
+    fn digest(&self) -> Option<String> {
+        self.hasher
+            .as_ref()
+            .map(|hasher| format!("sha256:{}", hex::encode(hasher.clone().finalize())))
     }
 }
 
@@ -374,13 +378,17 @@ fn write_layer(
     compression: LayerCompression,
     sink: impl Write,
 ) -> Result<LayerFacts, ImportError> {
-    let blob = Hashing::new(sink);
+    // An uncompressed layer's digest is its diff_id: hash it once.
+    let blob = Hashing::new(sink, true);
     let encoder = match compression {
         LayerCompression::None => Encoder::Plain(blob),
         LayerCompression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(blob, flate2::Compression::fast())),
         LayerCompression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(blob, 1).map_err(ImportError::Layer)?),
     };
-    let mut builder = tar::Builder::new(Hashing::new(io::BufWriter::with_capacity(COPY_BUFFER, encoder)));
+    let tar_hashed = Hashing::new(encoder, compression != LayerCompression::None);
+    // Buffered first, so that the hashers and the channel see 1 MiB writes
+    // rather than tar's 8 KiB copies.
+    let mut builder = tar::Builder::new(io::BufWriter::with_capacity(COPY_BUFFER, tar_hashed));
     let mut directory = tar::Header::new_gnu();
     directory.set_entry_type(tar::EntryType::Directory);
     directory.set_mode(0o755);
@@ -398,13 +406,15 @@ fn write_layer(
             io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => ImportError::source_read(error),
             _ => ImportError::Layer(error),
         })?;
-    let tar = builder.into_inner().map_err(ImportError::Layer)?;
-    let diff_id = tar.digest();
-    let encoder = tar.inner.into_inner().map_err(|error| ImportError::Layer(error.into_error()))?;
-    let mut blob = encoder.finish().map_err(ImportError::Layer)?;
+    let buffered = builder.into_inner().map_err(ImportError::Layer)?;
+    let tar_hashed = buffered.into_inner().map_err(|error| ImportError::Layer(error.into_error()))?;
+    let tar_digest = tar_hashed.digest();
+    let mut blob = tar_hashed.inner.finish().map_err(ImportError::Layer)?;
     blob.flush().map_err(ImportError::Layer)?;
+    let digest = blob.digest().unwrap_or_default();
+    let diff_id = tar_digest.unwrap_or_else(|| digest.clone());
     Ok(LayerFacts {
-        digest: blob.digest(),
+        digest,
         diff_id,
         size: blob.written,
     })

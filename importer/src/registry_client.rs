@@ -304,16 +304,12 @@ impl RegistryClient {
 
     /// Starts a blob upload; returns its location.
     pub async fn start_upload(&self, repository: &str) -> Result<String, RegistryError> {
-        let action = format!("starting an upload to {repository}");
-        let response = self
+        let request = self
             .request(Method::POST, &format!("{}/v2/{repository}/blobs/uploads/", self.base))
-            .header(CONTENT_LENGTH, "0")
-            .send()
-            .await
-            .map_err(self.transport(&action))?;
-        if response.status() != StatusCode::ACCEPTED {
-            return Err(self.failure(&action, response).await);
-        }
+            .header(CONTENT_LENGTH, "0");
+        let response = self
+            .exchange(&format!("starting an upload to {repository}"), request, StatusCode::ACCEPTED)
+            .await?;
         self.location(&response)
     }
 
@@ -322,35 +318,34 @@ impl RegistryClient {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     {
-        let action = "sending the layer".to_string();
-        let response = self
+        let request = self
             .request(Method::PATCH, location)
             .header(CONTENT_TYPE, "application/octet-stream")
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await
-            .map_err(self.transport(&action))?;
-        if response.status() != StatusCode::ACCEPTED {
-            return Err(self.failure(&action, response).await);
-        }
+            .body(reqwest::Body::wrap_stream(body));
+        let response = self.exchange("sending the layer", request, StatusCode::ACCEPTED).await?;
         self.location(&response)
+    }
+
+    /// Sends `request`; an answer other than `expected` is an error naming
+    /// `action`.
+    async fn exchange(&self, action: &str, request: reqwest::RequestBuilder, expected: StatusCode) -> Result<Response, RegistryError> {
+        let response = request.send().await.map_err(self.transport(action))?;
+        if response.status() != expected {
+            return Err(self.failure(action, response).await);
+        }
+        Ok(response)
     }
 
     /// Completes the upload at `location` as blob `digest`.
     pub async fn finish_upload(&self, location: &str, digest: &str, last: Bytes) -> Result<(), RegistryError> {
-        let action = format!("completing the upload of {digest}");
         let separator = if location.contains('?') { '&' } else { '?' };
-        let response = self
+        let request = self
             .request(Method::PUT, &format!("{location}{separator}digest={digest}"))
             .header(CONTENT_TYPE, "application/octet-stream")
-            .body(last)
-            .send()
+            .body(last);
+        self.exchange(&format!("completing the upload of {digest}"), request, StatusCode::CREATED)
             .await
-            .map_err(self.transport(&action))?;
-        if response.status() != StatusCode::CREATED {
-            return Err(self.failure(&action, response).await);
-        }
-        Ok(())
+            .map(drop)
     }
 
     /// Cancels the upload at `location` (best effort).
@@ -395,18 +390,13 @@ impl RegistryClient {
 
     /// Stores a manifest under `reference` (a tag or digest).
     pub async fn put_manifest(&self, repository: &str, reference: &str, media_type: &str, content: Bytes) -> Result<(), RegistryError> {
-        let action = format!("storing the manifest {repository}:{reference}");
-        let response = self
+        let request = self
             .request(Method::PUT, &format!("{}/v2/{repository}/manifests/{reference}", self.base))
             .header(CONTENT_TYPE, media_type)
-            .body(content)
-            .send()
+            .body(content);
+        self.exchange(&format!("storing the manifest {repository}:{reference}"), request, StatusCode::CREATED)
             .await
-            .map_err(self.transport(&action))?;
-        if response.status() != StatusCode::CREATED {
-            return Err(self.failure(&action, response).await);
-        }
-        Ok(())
+            .map(drop)
     }
 
     /// Fetches a manifest: its media type and bytes.
@@ -441,16 +431,9 @@ impl RegistryClient {
 
     /// Opens a blob for streaming.
     pub async fn get_blob(&self, repository: &str, digest: &str) -> Result<Response, RegistryError> {
-        let action = format!("fetching the blob {digest} of {repository}");
-        let response = self
-            .request(Method::GET, &format!("{}/v2/{repository}/blobs/{digest}", self.base))
-            .send()
+        let request = self.request(Method::GET, &format!("{}/v2/{repository}/blobs/{digest}", self.base));
+        self.exchange(&format!("fetching the blob {digest} of {repository}"), request, StatusCode::OK)
             .await
-            .map_err(self.transport(&action))?;
-        if response.status() != StatusCode::OK {
-            return Err(self.failure(&action, response).await);
-        }
-        Ok(response)
     }
 }
 

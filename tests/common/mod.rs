@@ -169,3 +169,31 @@ pub async fn push_image(client: &reqwest::Client, server: &Server, repository: &
         .expect("manifest push");
     assert_eq!(response.status(), 201, "manifest push: {:?}", response.text().await);
 }
+
+/// Writes `path` compressed as `<path>.<wrapper>` (gz, xz, zst, bz2) with
+/// the crates the converter unpacks with, and returns that path.
+pub fn compress_file(path: &Path, wrapper: &str) -> PathBuf {
+    let data = std::fs::read(path).unwrap();
+    let packed: Vec<u8> = match wrapper {
+        "gz" => {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut encoder, &data).unwrap();
+            encoder.finish().unwrap()
+        }
+        "xz" => {
+            let mut encoder = xz2::write::XzEncoder::new(Vec::new(), 1);
+            std::io::Write::write_all(&mut encoder, &data).unwrap();
+            encoder.finish().unwrap()
+        }
+        "zst" => zstd::encode_all(data.as_slice(), 1).unwrap(),
+        "bz2" => {
+            let mut encoder = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            std::io::Write::write_all(&mut encoder, &data).unwrap();
+            encoder.finish().unwrap()
+        }
+        other => panic!("unknown wrapper {other}"),
+    };
+    let wrapped = PathBuf::from(format!("{}.{wrapper}", path.display()));
+    std::fs::write(&wrapped, packed).unwrap();
+    wrapped
+}
