@@ -30,7 +30,10 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; r
 trap cleanup EXIT
 
 echo "making a qcow2 with ${size_mib} MiB of random data in $work"
-openssl rand -out "$work/random.raw" $((size_mib << 20))
+: >"$work/random.raw"
+for ((left = size_mib; left > 0; left -= 1024)); do   # openssl rand takes at most 2^31-1 bytes at once
+    openssl rand $(( (left < 1024 ? left : 1024) << 20 )) >>"$work/random.raw"
+done
 qemu-img convert -O qcow2 "$work/random.raw" "$work/files/disk.qcow2"
 rm "$work/random.raw"
 bytes=$(stat -c %s "$work/files/disk.qcow2")

@@ -69,7 +69,7 @@ enum TargetFormat {
 
 #[derive(clap::Args)]
 struct ConvertArgs {
-    /// The source image.
+    /// The source image: a file, `-` (standard input), an http(s):// URL read with Range requests, or docker://HOST/REPOSITORY:TAG (the disk inside an image in a registry, read in place).
     source: PathBuf,
     /// The destination: a file (created sparse) or a block device.
     destination: PathBuf,
@@ -79,6 +79,9 @@ struct ConvertArgs {
     /// Refuse images whose virtual size is larger (bytes).
     #[arg(long, default_value_t = dvcr_converter::DEFAULT_MAX_VIRTUAL_SIZE)]
     max_virtual_size: u64,
+    /// PEM CA certificates to trust for an https:// source or registry.
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
 }
 
 fn info(args: InfoArgs) -> anyhow::Result<()> {
@@ -109,6 +112,14 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         TargetFormat::Raw => dvcr_converter::OutputFormat::Raw,
         TargetFormat::Qcow2 => dvcr_converter::OutputFormat::Qcow2,
     };
+    let source_text = args.source.to_string_lossy();
+    if let Some(remote) = transfer::remote_source(&source_text, args.ca_bundle.as_deref())? {
+        if output_format != dvcr_converter::OutputFormat::Raw {
+            anyhow::bail!("qcow2 output is written from local raw files; {source_text} can be converted to raw");
+        }
+        return dvcr_converter::convert::convert_read_at(remote.as_ref(), &args.destination, args.max_virtual_size)
+            .with_context(|| format!("cannot convert {source_text}"));
+    }
     dvcr_converter::convert::convert_file(&args.source, &args.destination, output_format, args.max_virtual_size)
         .with_context(|| format!("cannot convert {}", args.source.display()))
 }

@@ -354,3 +354,28 @@ pub fn upload_sessions(listening: SocketAddr) -> anyhow::Result<axum::Router> {
     };
     Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options))))
 }
+
+/// A random-access reader for an `http(s)://` URL or a `docker://`
+/// reference, or `None` for a local path.
+pub fn remote_source(
+    source: &str,
+    ca_bundle: Option<&std::path::Path>,
+) -> anyhow::Result<Option<Box<dyn dvcr_converter::source::ReadAt>>> {
+    let ca_bundle = ca_bundle
+        .map(|path| std::fs::read(path).with_context(|| format!("cannot read the CA bundle {}", path.display())))
+        .transpose()?;
+    if source.starts_with("http://") || source.starts_with("https://") {
+        let client = dvcr_importer::registry_client::http_client(ca_bundle.as_deref())?;
+        let remote = dvcr_importer::remote_source::HttpRangeSource::open(client, source, None)?;
+        return Ok(Some(Box::new(remote)));
+    }
+    if let Some(reference) = source.strip_prefix("docker://") {
+        let reference = ImageReference::parse(reference)?;
+        let options = ClientOptions {
+            ca_bundle,
+            ..ClientOptions::default()
+        };
+        return Ok(Some(Box::new(dvcr_importer::remote_source::registry_disk(&reference, &options)?)));
+    }
+    Ok(None)
+}

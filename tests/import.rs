@@ -407,3 +407,49 @@ fn an_imported_image_pulled_by_containerd_boots_in_qemu() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `dvcr convert` reading a URL with Range requests, and the disk inside an
+/// image in the registry in place, agrees with qemu-img on the local file.
+#[test]
+fn convert_reads_urls_and_registry_images_in_place() {
+    let directory = tempfile::tempdir().unwrap();
+    let files = directory.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let qcow2 = make_qcow2(&files, "disk.qcow2");
+    let compressed = files.join("compressed.qcow2");
+    run(Command::new(require_tool("qemu-img"))
+        .args(["convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd"])
+        .arg(&qcow2)
+        .arg(&compressed));
+    let expected = directory.path().join("expected.raw");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "raw"]).arg(&qcow2).arg(&expected));
+    let web = FileServer::start(&files);
+    let server = Server::start(&directory.path().join("registry"));
+
+    let convert = |source: &str, name: &str| -> (Output, PathBuf) {
+        let destination = directory.path().join(name);
+        let output = Command::new(DVCR).args(["convert", source]).arg(&destination).output().unwrap();
+        (output, destination)
+    };
+    for name in ["disk.qcow2", "compressed.qcow2"] {
+        let (output, converted) = convert(&web.url("plain", name), &format!("{name}.http.raw"));
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        run(Command::new(require_tool("cmp")).arg(&expected).arg(&converted));
+    }
+    let (output, converted) = convert(&web.url("noranges", "disk.qcow2"), "noranges.raw");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("does not support Range requests"));
+    assert!(!converted.exists());
+
+    let reference = format!("{}/vi/vms/inplace:uid", server.address);
+    import_ok(&web.url("plain", "compressed.qcow2"), &reference, &[]);
+    let (output, converted) = convert(&format!("docker://{reference}"), "registry.raw");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    run(Command::new(require_tool("cmp")).arg(&expected).arg(&converted));
+
+    let gzip_reference = format!("{}/vi/vms/gzipped:uid", server.address);
+    import_ok(&web.url("plain", "disk.qcow2"), &gzip_reference, &["--layer-compression", "gzip"]);
+    let (output, _) = convert(&format!("docker://{gzip_reference}"), "gzipped.raw");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("only an uncompressed layer can be read in place"));
+}

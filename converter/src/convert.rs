@@ -207,14 +207,7 @@ pub fn convert_file(
         OutputFormat::Qcow2 => to_qcow2(source, destination),
     };
     if result.is_err() {
-        // No half-written output stays behind (a block device is left as is).
-        let is_block_device = std::fs::metadata(destination).is_ok_and(|metadata| {
-            use std::os::unix::fs::FileTypeExt;
-            metadata.file_type().is_block_device()
-        });
-        if !is_block_device {
-            let _ = std::fs::remove_file(destination);
-        }
+        remove_partial_output(destination);
     }
     result
 }
@@ -222,19 +215,45 @@ pub fn convert_file(
 fn convert_checked(source: &Path, destination: &Path, max_virtual_size: u64) -> Result<(), ConverterError> {
     let file = File::open(source).map_err(ConverterError::Read)?;
     let file_source = FileSource::new(file).map_err(ConverterError::Read)?;
-    let (wrapper, format) = crate::info::detect_source(&file_source)?;
+    convert_source(&file_source, destination, max_virtual_size)
+}
+
+fn convert_source(source: &dyn ReadAt, destination: &Path, max_virtual_size: u64) -> Result<(), ConverterError> {
+    let (wrapper, format) = crate::info::detect_source(source)?;
     if wrapper.is_some() {
-        return convert_stream(file_source.into_file(), destination, max_virtual_size);
+        return convert_stream(crate::source::SequentialReader::new(source), destination, max_virtual_size);
     }
     match format {
-        ImageFormat::Raw | ImageFormat::Iso => raw_to_raw(&file_source, destination),
-        other => match open_mapped(other, &file_source, max_virtual_size)? {
+        ImageFormat::Raw | ImageFormat::Iso => raw_to_raw(source, destination),
+        other => match open_mapped(other, source, max_virtual_size)? {
             Some(image) => mapped_to_raw(image.as_ref(), destination),
             None => Err(ConverterError::Unsupported {
                 format: other,
                 operation: "converted",
             }),
         },
+    }
+}
+
+/// Converts an image read through any random-access source (an HTTP
+/// `Range` reader, the disk file inside a registry blob) to raw at
+/// `destination`; a failed conversion removes its partial output.
+pub fn convert_read_at(source: &dyn ReadAt, destination: &Path, max_virtual_size: u64) -> Result<(), ConverterError> {
+    let result = convert_source(source, destination, max_virtual_size);
+    if result.is_err() {
+        remove_partial_output(destination);
+    }
+    result
+}
+
+/// Removes what a failed conversion wrote (a block device is left as is).
+fn remove_partial_output(destination: &Path) {
+    let is_block_device = std::fs::metadata(destination).is_ok_and(|metadata| {
+        use std::os::unix::fs::FileTypeExt;
+        metadata.file_type().is_block_device()
+    });
+    if !is_block_device {
+        let _ = std::fs::remove_file(destination);
     }
 }
 

@@ -98,3 +98,63 @@ impl ReadAt for StreamSummary {
         self.size
     }
 }
+
+/// Reads a [`ReadAt`] front to back, for the decoders of wrapped images.
+pub struct SequentialReader<'a> {
+    source: &'a dyn ReadAt,
+    offset: u64,
+}
+
+impl<'a> SequentialReader<'a> {
+    /// Starts at offset 0.
+    pub fn new(source: &'a dyn ReadAt) -> Self {
+        SequentialReader { source, offset: 0 }
+    }
+}
+
+impl io::Read for SequentialReader<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let left = self.source.size().saturating_sub(self.offset);
+        let length = (buffer.len() as u64).min(left).min(4 << 20) as usize;
+        if length == 0 {
+            return Ok(0);
+        }
+        self.source.read_exact_at(&mut buffer[..length], self.offset)?;
+        self.offset += length as u64;
+        Ok(length)
+    }
+}
+
+/// A window of another source: `size` bytes from `start` (a file inside
+/// an uncompressed tar layer, say).
+pub struct SubRange<S> {
+    inner: S,
+    start: u64,
+    size: u64,
+}
+
+impl<S: ReadAt> SubRange<S> {
+    /// The window; an error if it reaches past the end of `inner`.
+    pub fn new(inner: S, start: u64, size: u64) -> io::Result<Self> {
+        if start.checked_add(size).is_none_or(|end| end > inner.size()) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("a window of {size} bytes at {start} reaches past the end ({} bytes)", inner.size()),
+            ));
+        }
+        Ok(SubRange { inner, start, size })
+    }
+}
+
+impl<S: ReadAt> ReadAt for SubRange<S> {
+    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> io::Result<()> {
+        if offset.saturating_add(buffer.len() as u64) > self.size {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        self.inner.read_exact_at(buffer, self.start + offset)
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+}

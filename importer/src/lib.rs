@@ -6,6 +6,8 @@
 //! - [`pipeline`]: the single pass over the source (checksums, unpacking,
 //!   detection and checks, the layer tar).
 //! - [`registry_client`]: the OCI Distribution client it pushes with.
+//! - [`remote_source`]: random access over HTTP `Range` (a URL, the disk
+//!   inside a registry layer) for the converter.
 //! - [`progress`]: gauges, the final report, a terminal bar.
 //! - [`upload_server`]: `curl -T` uploads into the same pipeline.
 
@@ -17,6 +19,7 @@ pub mod import;
 pub mod pipeline;
 pub mod progress;
 pub mod reference;
+pub mod remote_source;
 pub mod upload_server;
 pub mod registry_client;
 

@@ -429,6 +429,16 @@ impl RegistryClient {
         Ok((media_type, body))
     }
 
+    /// The URL of a blob.
+    pub fn blob_url(&self, repository: &str, digest: &str) -> String {
+        format!("{}/v2/{repository}/blobs/{digest}", self.base)
+    }
+
+    /// The Authorization header the registry's challenge produced, if any.
+    pub fn authorization(&self) -> Option<HeaderValue> {
+        self.authorization.clone()
+    }
+
     /// Opens a blob for streaming.
     pub async fn get_blob(&self, repository: &str, digest: &str) -> Result<Response, RegistryError> {
         let request = self.request(Method::GET, &format!("{}/v2/{repository}/blobs/{digest}", self.base));

@@ -71,20 +71,29 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(b"%x\r\n" % len(block) + block + b"\r\n")
                 self.wfile.write(b"0\r\n\r\n")
                 return
-            start = 0
+            start, end = 0, size - 1
             header = self.headers.get("Range")
             if ranges and header and header.startswith("bytes="):
-                start = int(header[6:].split("-")[0])
+                first, _, last = header[6:].partition("-")
+                start = int(first)
+                if last:
+                    end = min(int(last), size - 1)
+                if start > end:
+                    self.send_response(416)
+                    self.send_header("Content-Range", "bytes */%d" % size)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(206)
-                self.send_header("Content-Range", "bytes %d-%d/%d" % (start, size - 1, size))
+                self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
             else:
                 self.send_response(200)
             if ranges:
                 self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(size - start))
+            self.send_header("Content-Length", str(end + 1 - start))
             self.end_headers()
             source.seek(start)
-            limit = size - start
+            limit = end + 1 - start
             if mode in ("cut", "cutnoranges") and attempt == 1:
                 limit = (size - start) // 2
                 self.close_connection = True
