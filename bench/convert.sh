@@ -9,11 +9,13 @@
 #
 #   bench/convert.sh [VIRTUAL_MIB]
 #
-# Environment: BENCH_DIR (default /var/tmp/dvcr-convert-bench).
+# Environment: BENCH_DIR (default /var/tmp/dvcr-convert-bench), ROUNDS
+# (default 3; the order of the two tools alternates between rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 virtual_mib=${1:-4096}
+rounds=${ROUNDS:-3}
 work=${BENCH_DIR:-/var/tmp/dvcr-convert-bench}
 for tool in qemu-img openssl python3 cmp; do
     command -v "$tool" >/dev/null || { echo "bench needs $tool" >&2; exit 1; }
@@ -44,17 +46,39 @@ qemu-img convert -c -O qcow2 "$raw" "$work/zlib.qcow2"
 rm -f "$raw"
 
 seconds() { python3 -c 'import sys,time,subprocess; t=time.monotonic(); subprocess.run(sys.argv[1:], check=True); print(f"{time.monotonic()-t:.2f}")' "$@"; }
+# The disk's state (writeback of the previous run, a virtual disk's burst
+# budget) favours whichever tool runs first, so the order alternates per
+# round, each run starts after a sync and a pause, and every time is shown.
+settle() { sync; sleep 3; }
+run_qemu() {
+    local unsynced synced
+    unsynced=$(seconds qemu-img convert -O raw "$1" "$work/qemu.raw")
+    synced=$(python3 -c "print(f'{$unsynced + $(seconds sync "$work/qemu.raw"):.2f}')")
+    echo "$unsynced $synced"
+}
 for variant in plain zlib; do
     source=$work/$variant.qcow2
-    sync
-    qemu_time=$(seconds qemu-img convert -O raw "$source" "$work/qemu.raw")
-    qemu_synced=$(python3 -c "print(f'{$qemu_time + $(seconds sync "$work/qemu.raw"):.2f}')")
-    sync
-    dvcr_time=$(seconds target/release/dvcr convert "$source" "$work/dvcr.raw" -O raw)
-    cmp "$work/qemu.raw" "$work/dvcr.raw"
-    ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
-    echo "$variant: dvcr ${dvcr_time}s (synced); qemu-img ${qemu_synced}s with sync, ${qemu_time}s without;" \
-        "dvcr/qemu-img $(ratio "$dvcr_time" "$qemu_synced") (both synced), $(ratio "$dvcr_time" "$qemu_time") (qemu-img unsynced);" \
-        "allocated: qemu-img $(du -k "$work/qemu.raw" | cut -f1) KiB, dvcr $(du -k "$work/dvcr.raw" | cut -f1) KiB; outputs identical"
-    rm -f "$work/qemu.raw" "$work/dvcr.raw"
+    dvcr_times=() qemu_synced_times=() qemu_times=()
+    for round in $(seq "$rounds"); do
+        rm -f "$work/qemu.raw.keep" "$work/dvcr.raw.keep"
+        for tool in $( ((round % 2)) && echo "qemu dvcr" || echo "dvcr qemu"); do
+            settle
+            if [ "$tool" = qemu ]; then
+                read -r unsynced synced < <(run_qemu "$source")
+                qemu_times+=("$unsynced"); qemu_synced_times+=("$synced")
+                mv "$work/qemu.raw" "$work/qemu.raw.keep"
+            else
+                dvcr_times+=("$(seconds target/release/dvcr convert "$source" "$work/dvcr.raw" -O raw)")
+                mv "$work/dvcr.raw" "$work/dvcr.raw.keep"
+            fi
+        done
+        cmp "$work/qemu.raw.keep" "$work/dvcr.raw.keep"
+        allocated="qemu-img $(du -k "$work/qemu.raw.keep" | cut -f1) KiB, dvcr $(du -k "$work/dvcr.raw.keep" | cut -f1) KiB"
+    done
+    rm -f "$work/qemu.raw.keep" "$work/dvcr.raw.keep"
+    median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+    dvcr_median=$(median "${dvcr_times[@]}")
+    qemu_median=$(median "${qemu_synced_times[@]}")
+    echo "$variant: dvcr (synced) ${dvcr_times[*]} s; qemu-img + sync ${qemu_synced_times[*]} s (unsynced ${qemu_times[*]} s);" \
+        "median ratio $(python3 -c "print(f'{$dvcr_median/$qemu_median:.2f}x')"); allocated: $allocated; outputs identical"
 done

@@ -37,7 +37,7 @@ enum LayerCompressionArg {
 /// How the destination registry is reached and what is stored there.
 #[derive(clap::Args)]
 pub struct PushArgs {
-    /// A dockerconfigjson file (a Kubernetes pull secret) with credentials for the destination registry.
+    /// A dockerconfigjson file (a Kubernetes pull secret) with credentials for the registries (source and destination).
     #[arg(long)]
     auth_file: Option<PathBuf>,
     /// PEM CA certificates to trust for the destination registry.
@@ -73,14 +73,14 @@ pub struct ReportArgs {
 
 #[derive(clap::Args)]
 pub struct ImportArgs {
-    /// http(s)://URL, a file path, `-` (standard input), or docker://HOST/REPOSITORY:TAG in the destination registry.
+    /// http(s)://URL, a file path, `-` (standard input), or docker://HOST/REPOSITORY:TAG (mounted when in the destination's registry, else pulled).
     source: String,
     /// Destination: HOST[:PORT]/REPOSITORY:TAG, for example dvcr.example/vi/vms/ubuntu:UID.
     destination: String,
     /// Expected checksum of the downloaded bytes, ALG:HEX (md5, sha1, sha256, sha512); repeatable.
     #[arg(long = "checksum")]
     checksums: Vec<dvcr_importer::checksum::ExpectedChecksum>,
-    /// PEM CA certificates to trust for an HTTPS source.
+    /// PEM CA certificates to trust for an HTTPS source or a source registry.
     #[arg(long)]
     ca_bundle: Option<PathBuf>,
     /// Retries of transient source failures.
@@ -226,6 +226,7 @@ async fn import(args: ImportArgs) -> Result<(), CommandFailure> {
                 retries: args.retries,
                 first_delay: Duration::from_millis(args.retry_delay_ms),
             },
+            source_auth: read_optional(&args.push.auth_file, "auth file")?,
         })
     })();
     let outcome = match request {

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::containerd::{pull_and_compare, Containerd};
-use common::image::pseudo_random;
+use common::image::{self, pseudo_random};
 use common::{compress_file, require_tool, run, Server, DVCR};
 use serde_json::Value;
 
@@ -452,4 +452,70 @@ fn convert_reads_urls_and_registry_images_in_place() {
     let (output, _) = convert(&format!("docker://{gzip_reference}"), "gzipped.raw");
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("only an uncompressed layer can be read in place"));
+}
+
+/// A tar entry whose name is written raw, so that hostile names (`..`,
+/// absolute paths) can be made; `link` makes a symbolic link.
+fn raw_tar_entry(name: &str, content: &[u8], link: Option<&str>) -> Vec<u8> {
+    let mut header = tar::Header::new_old();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    match link {
+        Some(target) => {
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            header.set_link_name(target).unwrap();
+        }
+        None => {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(content.len() as u64);
+        }
+    }
+    header.set_cksum();
+    let mut entry = header.as_bytes().to_vec();
+    entry.extend_from_slice(content);
+    entry.resize(entry.len().div_ceil(512) * 512, 0);
+    entry
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_images_in_another_registry_are_pulled_and_hostile_ones_refused() {
+    let directory = tempfile::tempdir().unwrap();
+    let qcow2 = make_qcow2(directory.path(), "vm.qcow2");
+    let disk = std::fs::read(&qcow2).unwrap();
+    let other = Server::start(&directory.path().join("other"));
+    let ours = Server::start(&directory.path().join("ours"));
+    let client = reqwest::Client::new();
+
+    // Two gzip layers: an unrelated file first, the disk in the second.
+    let first = image::tar(&[("etc", 0o755, None), ("etc/os-release", 0o644, Some(b"ID=test\n".as_slice()))]);
+    let second = image::tar(&[("disk", 0o755, None), ("disk/vm.qcow2", 0o644, Some(disk.as_slice()))]);
+    let container = image::image(vec![first, second], true, false, serde_json::json!({}));
+    common::push_image(&client, &other, "images/vm", "v1", &container).await;
+    let source = format!("docker://{}/images/vm:v1", other.address);
+    let destination = format!("{}/vi/vms/pulled:uid", ours.address);
+    let (source_text, destination_text) = (source.clone(), destination.clone());
+    let report = tokio::task::spawn_blocking(move || import_ok(&source_text, &destination_text, &[])).await.unwrap();
+    assert_eq!(report["source-image-format"], "qcow2");
+    assert_eq!(report["source-image-size"], disk.len() as u64);
+    assert_disk(&ours, "vi/vms/pulled", "uid", "vm.qcow2", &disk);
+
+    let hostile: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("dotdot", raw_tar_entry("disk/../../etc/passwd", b"x", None), "with a `..` component"),
+        ("absolute", raw_tar_entry("/disk/vm.img", b"x", None), "with an absolute path"),
+        ("link", raw_tar_entry("disk/vm.img", b"", Some("/etc/shadow")), "a link \"disk/vm.img\" under disk/"),
+    ];
+    for (name, mut layer, message) in hostile {
+        layer.extend_from_slice(&[0u8; 1024]);
+        let container = image::image(vec![layer], true, true, serde_json::json!({}));
+        common::push_image(&client, &other, &format!("images/{name}"), "v1", &container).await;
+        let source = format!("docker://{}/images/{name}:v1", other.address);
+        let destination = format!("{}/vi/vms/{name}:uid", ours.address);
+        let output = tokio::task::spawn_blocking(move || dvcr_import(&source, &destination, &[])).await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(message), "{name}: expected {message:?} in {stderr}");
+        assert!(tags(&ours, &format!("vi/vms/{name}")).is_empty(), "{name}: tagged");
+    }
 }

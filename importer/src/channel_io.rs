@@ -85,3 +85,23 @@ impl Write for ChannelWriter {
         self.send()
     }
 }
+
+/// Sends an HTTP response body into `sender`, ending with an `Err` item if
+/// the transfer breaks.
+pub async fn pump_response(mut response: reqwest::Response, sender: mpsc::Sender<io::Result<Bytes>>) {
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if sender.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(error) => {
+                let message = crate::http_source::error_chain(&error);
+                let _ = sender.send(Err(io::Error::other(format!("the blob transfer broke: {message}")))).await;
+                return;
+            }
+        }
+    }
+}

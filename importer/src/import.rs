@@ -28,8 +28,10 @@ pub enum Source {
     File(PathBuf),
     /// Standard input.
     Stdin,
-    /// An image in the destination's own registry: copied by mounting.
-    SameRegistry(ImageReference),
+    /// An image in a registry: copied by mounting when it is the
+    /// destination's registry, else pulled (the first regular file under
+    /// `disk/` of its layers).
+    Registry(ImageReference),
 }
 
 impl Source {
@@ -40,7 +42,7 @@ impl Source {
         }
         if let Some(reference) = text.strip_prefix("docker://") {
             let reference = ImageReference::parse(reference).map_err(|error| ImportError::Usage(error.to_string()))?;
-            return Ok(Source::SameRegistry(reference));
+            return Ok(Source::Registry(reference));
         }
         if text == "-" {
             return Ok(Source::Stdin);
@@ -64,16 +66,29 @@ pub struct ImportRequest {
     pub registry: ClientOptions,
     /// Retries of the source.
     pub retry: RetryPolicy,
+    /// A dockerconfigjson document with credentials for a source registry.
+    pub source_auth: Option<Vec<u8>>,
 }
 
 /// Runs one import.
 pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<Report, ImportError> {
     let mut client = RegistryClient::new(&request.destination, &request.registry)?;
     let destination = &request.destination;
-    if let Source::SameRegistry(from) = &request.source {
-        return copy_within_registry(&mut client, from, destination, &progress).await;
+    if let Source::Registry(from) = &request.source {
+        if from.host == destination.host {
+            return copy_within_registry(&mut client, from, destination, &progress).await;
+        }
     }
     client.authorize(&[&destination.repository], "pull,push").await?;
+    if let Source::Registry(from) = &request.source {
+        let (reader, name, length) = crate::container_source::open_disk(from, &request).await?;
+        let mut options = request.pipeline.clone();
+        options.file_name = name;
+        progress.set_total(Some(length));
+        let facts = push_stream(&client, destination, reader, Some(length), options, &progress).await?;
+        progress.finish();
+        return Ok(report(&facts, destination, &progress));
+    }
 
     let mut options = request.pipeline.clone();
     let (reader, length): (Box<dyn Read + Send>, Option<u64>) = match &request.source {
@@ -96,7 +111,7 @@ pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<R
             options.file_name = "disk.img".into();
             (Box::new(io::stdin()), None)
         }
-        Source::SameRegistry(_) => unreachable_source(),
+        Source::Registry(_) => unreachable_source(),
     };
     progress.set_total(length);
     let facts = push_stream(&client, destination, reader, length, options, &progress).await?;
@@ -200,11 +215,6 @@ async fn copy_within_registry(
     destination: &ImageReference,
     progress: &Progress,
 ) -> Result<Report, ImportError> {
-    if from.host != destination.host {
-        return Err(ImportError::Usage(format!(
-            "{from} is in another registry than {destination}: only copies within one registry are supported so far"
-        )));
-    }
     client.authorize(&[&from.repository, &destination.repository], "pull,push").await?;
     let (media_type, manifest) = client.get_manifest(&from.repository, &from.reference).await?;
     let document: serde_json::Value = serde_json::from_slice(&manifest)
