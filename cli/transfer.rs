@@ -55,6 +55,17 @@ pub struct PushArgs {
     /// Where a compressed image, or one of unknown length, is unpacked before it is sent.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     scratch_dir: PathBuf,
+    /// What is stored: the image as it is (unpacked), or a raw disk converted from it.
+    #[arg(long, value_enum, default_value_t = StoredFormat::Source)]
+    format: StoredFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StoredFormat {
+    /// The source's own format (qcow2 stays qcow2).
+    Source,
+    /// Convert to raw (qcow2, vmdk, vhd, vdi).
+    Raw,
 }
 
 /// Progress and outcome reporting.
@@ -158,6 +169,7 @@ impl PushArgs {
             },
             file_name: String::new(),
             scratch_dir: self.scratch_dir.clone(),
+            convert_to_raw: matches!(self.format, StoredFormat::Raw),
         }
     }
 }
@@ -352,6 +364,7 @@ pub fn upload_sessions(listening: SocketAddr) -> anyhow::Result<axum::Router> {
         layer_compression: LayerCompression::None,
         file_name: String::new(),
         scratch_dir: std::env::temp_dir(),
+        convert_to_raw: false,
     };
     Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options))))
 }

@@ -305,6 +305,14 @@ fn local_files_standard_input_and_copies_within_the_registry() {
     import_ok(&qcow2.display().to_string(), &format!("{registry}/vi/vms/local:uid"), &[]);
     assert_disk(&server, "vi/vms/local", "uid", "local.qcow2", &expected);
 
+    // --format raw: stored converted, as qemu-img converts it.
+    let expected_raw = directory.path().join("expected.raw");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "raw"]).arg(&qcow2).arg(&expected_raw));
+    let report = import_ok(&qcow2.display().to_string(), &format!("{registry}/vi/vms/raw:uid"), &["--format", "raw"]);
+    assert_eq!(report["source-image-format"], "raw");
+    assert_eq!(report["source-image-virtual-size"], 64u64 << 20);
+    assert_disk(&server, "vi/vms/raw", "uid", "local.img", &std::fs::read(&expected_raw).unwrap());
+
     let xz = compress_file(&qcow2, "xz");
     let output = Command::new(DVCR)
         .args(["import", "-", &format!("{registry}/vd/vms/piped:uid")])

@@ -48,6 +48,8 @@ pub struct PipelineOptions {
     /// Where an image is spooled when its unpacked length is not known
     /// before it ends (a compressed source, or no Content-Length).
     pub scratch_dir: PathBuf,
+    /// Store a raw disk, converting other formats (`--format raw`).
+    pub convert_to_raw: bool,
 }
 
 /// Facts about the stored image.
@@ -95,7 +97,11 @@ pub fn build_layer(
     let wrapper = detect::detect_compression(&head);
     let file_name = disk_file_name(&options.file_name, wrapper);
 
-    if wrapper.is_some() || source_length.is_none() {
+    let wants_conversion = options.convert_to_raw && {
+        let inner = detect::detect_format(&head, None);
+        wrapper.is_some() || !matches!(inner, ImageFormat::Raw | ImageFormat::Iso)
+    };
+    if wrapper.is_some() || source_length.is_none() || wants_conversion {
         // The unpacked length goes in the tar header before the data, and is
         // known only at the end: unpack to scratch, then check and send.
         let mut spool = tempfile::tempfile_in(&options.scratch_dir).map_err(|error| ImportError::Scratch(options.scratch_dir.clone(), error))?;
@@ -114,6 +120,9 @@ pub fn build_layer(
         }
         counted.verify()?;
         let facts = check_spooled(&mut spool, spooled, options, &file_name, wrapper)?;
+        if options.convert_to_raw && !matches!(facts.format, ImageFormat::Raw | ImageFormat::Iso) {
+            return convert_then_write(&spool, facts, options, sink);
+        }
         let layer = write_layer(&mut spool, spooled, &facts.file_name, options.layer_compression, sink)?;
         return Ok((facts, layer));
     }
@@ -138,6 +147,34 @@ pub fn build_layer(
             format,
             file_name,
             unpacked_from: None,
+        },
+        layer,
+    ))
+}
+
+/// `--format raw`: converts the checked spooled image to a raw scratch file
+/// with the converter, and stores that.
+fn convert_then_write(spool: &File, facts: ImageFacts, options: &PipelineOptions, sink: impl Write) -> Result<(ImageFacts, LayerFacts), ImportError> {
+    let scratch = |error| ImportError::Scratch(options.scratch_dir.clone(), error);
+    let source = dvcr_converter::source::FileSource::new(spool.try_clone().map_err(scratch)?).map_err(scratch)?;
+    let raw = tempfile::NamedTempFile::new_in(&options.scratch_dir).map_err(scratch)?;
+    dvcr_converter::convert::convert_read_at(&source, raw.path(), options.max_virtual_size)?;
+    let mut converted = File::open(raw.path()).map_err(scratch)?;
+    let length = converted.metadata().map_err(scratch)?.len();
+    let stem = facts
+        .file_name
+        .rsplit_once('.')
+        .filter(|(_, extension)| ["qcow2", "vmdk", "vhd", "vdi", "img", "raw"].contains(extension))
+        .map_or(facts.file_name.as_str(), |(stem, _)| stem);
+    let file_name = format!("{stem}.img");
+    let layer = write_layer(&mut converted, length, &file_name, options.layer_compression, sink)?;
+    Ok((
+        ImageFacts {
+            stored_size: length,
+            virtual_size: length,
+            format: ImageFormat::Raw,
+            file_name,
+            unpacked_from: facts.unpacked_from,
         },
         layer,
     ))
