@@ -80,15 +80,6 @@ pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<R
         }
     }
     client.authorize(&[&destination.repository], "pull,push").await?;
-    if let Source::Registry(from) = &request.source {
-        let (reader, name, length) = crate::container_source::open_disk(from, &request).await?;
-        let mut options = request.pipeline.clone();
-        options.file_name = name;
-        progress.set_total(Some(length));
-        let facts = push_stream(&client, destination, reader, Some(length), options, &progress).await?;
-        progress.finish();
-        return Ok(report(&facts, destination, &progress));
-    }
 
     let mut options = request.pipeline.clone();
     let (reader, length): (Box<dyn Read + Send>, Option<u64>) = match &request.source {
@@ -111,16 +102,16 @@ pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<R
             options.file_name = "disk.img".into();
             (Box::new(io::stdin()), None)
         }
-        Source::Registry(_) => unreachable_source(),
+        Source::Registry(from) => {
+            let (reader, name, length) = crate::container_source::open_disk(from, &request).await?;
+            options.file_name = name;
+            (reader, Some(length))
+        }
     };
     progress.set_total(length);
     let facts = push_stream(&client, destination, reader, length, options, &progress).await?;
     progress.finish();
     Ok(report(&facts, destination, &progress))
-}
-
-fn unreachable_source() -> (Box<dyn Read + Send>, Option<u64>) {
-    (Box::new(io::empty()), Some(0))
 }
 
 /// Streams `reader` through the pipeline into the registry and tags the
