@@ -133,7 +133,12 @@ impl HttpSource {
                     Err(error) => break format!("the transfer broke after {received} bytes: {}", error_chain(&error)),
                 }
             };
-            if !self.ranges || self.length.is_none() {
+            if self.length.is_none() {
+                return Err(format!(
+                    "{failure}; the server sent no Content-Length, so the download cannot resume: retry the import"
+                ));
+            }
+            if !self.ranges {
                 return Err(format!(
                     "{failure}; the server does not support Range requests, so the download cannot resume: retry the import"
                 ));
