@@ -14,6 +14,7 @@ use crate::mapped::{Cluster, MappedImage};
 use crate::qcow2::Qcow2Image;
 use crate::vdi::VdiImage;
 use crate::vhd::VhdImage;
+use crate::vhdx::VhdxImage;
 use crate::vmdk::VmdkImage;
 use crate::source::ReadAt;
 use crate::ConverterError;
@@ -28,7 +29,7 @@ struct Run {
     length: u64,
 }
 
-/// Opens a table-based image (qcow2, VMDK, VHD, VDI) after checking it.
+/// Opens a table-based image (qcow2, VMDK, VHD, VHDX, VDI) after checking it.
 pub fn open_mapped<'a>(
     format: ImageFormat,
     source: &'a dyn ReadAt,
@@ -39,7 +40,8 @@ pub fn open_mapped<'a>(
         ImageFormat::Vmdk => Box::new(VmdkImage::open(source, max_virtual_size)?),
         ImageFormat::Vhd => Box::new(VhdImage::open(source, max_virtual_size)?),
         ImageFormat::Vdi => Box::new(VdiImage::open(source, max_virtual_size)?),
-        ImageFormat::Vhdx | ImageFormat::Raw | ImageFormat::Iso => return Ok(None),
+        ImageFormat::Vhdx => Box::new(VhdxImage::open(source, max_virtual_size)?),
+        ImageFormat::Raw | ImageFormat::Iso => return Ok(None),
     }))
 }
 

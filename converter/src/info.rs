@@ -135,7 +135,7 @@ pub fn inspect(path: &Path, max_virtual_size: u64) -> Result<ImageInfo, Converte
             });
             info.extended_l2 = Some(header.extended_l2);
         }
-        ImageFormat::Vmdk | ImageFormat::Vhd | ImageFormat::Vdi if wrapper.is_none() => {
+        ImageFormat::Vmdk | ImageFormat::Vhd | ImageFormat::Vhdx | ImageFormat::Vdi if wrapper.is_none() => {
             // Checked as a conversion would check it, so that `info` refuses
             // what `convert` refuses.
             if let Some(image) = crate::convert::open_mapped(format, source, max_virtual_size)? {

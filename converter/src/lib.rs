@@ -3,7 +3,7 @@
 //! - [`detect`]: the format and compression wrapper of a file, from content.
 //! - [`qcow2`]: a checked qcow2 v2/v3 reader (zlib and zstd clusters,
 //!   extended L2, every cluster size).
-//! - [`vmdk`], [`vhd`], [`vdi`]: readers of the other table-based formats,
+//! - [`vmdk`], [`vhd`], [`vhdx`], [`vdi`]: readers of the other table-based formats,
 //!   behind the same [`mapped::MappedImage`] interface.
 //! - [`convert`]: conversion to raw, sparse.
 //! - [`info`]: what `dvcr info` reports, with `qemu-img info`'s key names.
@@ -21,6 +21,7 @@ pub mod source;
 pub mod unwrap;
 pub mod vdi;
 pub mod vhd;
+pub mod vhdx;
 pub mod vmdk;
 
 use std::io;

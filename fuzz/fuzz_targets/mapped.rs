@@ -1,4 +1,4 @@
-//! The VMDK, VHD and VDI readers on arbitrary bytes: header checks, table
+//! The VMDK, VHD, VHDX and VDI readers on arbitrary bytes: header checks, table
 //! walk, and reading or inflating every cluster, as a conversion does.
 #![no_main]
 
@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let source = data.to_vec();
-    for format in [ImageFormat::Vmdk, ImageFormat::Vhd, ImageFormat::Vdi] {
+    for format in [ImageFormat::Vmdk, ImageFormat::Vhd, ImageFormat::Vhdx, ImageFormat::Vdi] {
         let Ok(Some(image)) = open_mapped(format, &source, 1 << 30) else { continue };
         let cluster_size = image.cluster_size() as usize;
         let (mut scratch, mut cluster) = (Vec::new(), vec![0u8; cluster_size]);

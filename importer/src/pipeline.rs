@@ -193,14 +193,7 @@ fn describe(head: &[u8], tail: Option<&[u8]>, size: u64, options: &PipelineOptio
         tail,
         size,
     };
-    let (format, virtual_size) = dvcr_converter::info::describe_stream(&summary, options.max_virtual_size)?;
-    if format == ImageFormat::Vhdx {
-        return Err(ImportError::Converter(dvcr_converter::ConverterError::Unsupported {
-            format,
-            operation: "imported (VMs cannot boot them)",
-        }));
-    }
-    Ok((format, virtual_size))
+    Ok(dvcr_converter::info::describe_stream(&summary, options.max_virtual_size)?)
 }
 
 /// Full checks of a spooled image (tables walked, as a conversion would),
@@ -219,12 +212,6 @@ fn check_spooled(
         Some(image) => {
             image.visit_clusters(&mut |_, _| Ok(()))?;
             image.virtual_size()
-        }
-        None if format == ImageFormat::Vhdx => {
-            return Err(ImportError::Converter(dvcr_converter::ConverterError::Unsupported {
-                format,
-                operation: "imported (VMs cannot boot them)",
-            }))
         }
         None => length,
     };
