@@ -170,6 +170,7 @@ impl PushArgs {
             file_name: String::new(),
             scratch_dir: self.scratch_dir.clone(),
             convert_to_raw: matches!(self.format, StoredFormat::Raw),
+            xz_unpacked_size: None,
         }
     }
 }
@@ -365,6 +366,7 @@ pub fn upload_sessions(listening: SocketAddr) -> anyhow::Result<axum::Router> {
         file_name: String::new(),
         scratch_dir: std::env::temp_dir(),
         convert_to_raw: false,
+        xz_unpacked_size: None,
     };
     Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options))))
 }

@@ -527,3 +527,37 @@ async fn container_images_in_another_registry_are_pulled_and_hostile_ones_refuse
         assert!(tags(&ours, &format!("vi/vms/{name}")).is_empty(), "{name}: tagged");
     }
 }
+
+/// An xz source whose index can be read first (a Range request, or the end
+/// of a local file) streams straight into the registry: with a scratch
+/// folder that does not exist it still imports, where a gzip source (whose
+/// unpacked length is unknown until its end) needs the scratch folder.
+#[test]
+fn xz_sources_stream_without_a_scratch_copy() {
+    let directory = tempfile::tempdir().unwrap();
+    let files = directory.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let qcow2 = make_qcow2(&files, "disk.qcow2");
+    let expected = std::fs::read(&qcow2).unwrap();
+    let xz = compress_file(&qcow2, "xz");
+    compress_file(&qcow2, "gz");
+    let web = FileServer::start(&files);
+    let server = Server::start(&directory.path().join("registry"));
+    let no_scratch = ["--scratch-dir", "/nonexistent/dvcr-scratch"];
+
+    let report = import_ok(&web.url("plain", "disk.qcow2.xz"), &format!("{}/vi/vms/xz:uid", server.address), &no_scratch);
+    assert_eq!(report["source-image-size"], expected.len() as u64);
+    assert_disk(&server, "vi/vms/xz", "uid", "disk.qcow2", &expected);
+    import_ok(&xz.display().to_string(), &format!("{}/vi/vms/xzfile:uid", server.address), &no_scratch);
+    assert_disk(&server, "vi/vms/xzfile", "uid", "disk.qcow2", &expected);
+
+    for (mode, name) in [("plain", "disk.qcow2.gz"), ("noranges", "disk.qcow2.xz")] {
+        let output = dvcr_import(&web.url(mode, name), &format!("{}/vi/vms/spooled:uid", server.address), &no_scratch);
+        assert_eq!(output.status.code(), Some(1), "{mode}/{name}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("cannot use the scratch folder /nonexistent/dvcr-scratch"),
+            "{mode}/{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

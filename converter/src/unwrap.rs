@@ -74,9 +74,76 @@ pub fn read_up_to(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize
     Ok(filled)
 }
 
+/// The unpacked size of a single-stream xz file, from its last bytes
+/// (`tail`, the end of a file of `file_size` bytes): the stream footer
+/// gives the index's size, and the index lists every block's sizes. `None`
+/// when the tail does not hold a whole index, the file has more than one
+/// stream or padding, or anything does not add up, so that a caller falls
+/// back to unpacking first.
+pub fn xz_unpacked_size(tail: &[u8], file_size: u64) -> Option<u64> {
+    const HEADER: u64 = 12;
+    const FOOTER: usize = 12;
+    if tail.len() < FOOTER || (tail.len() as u64) > file_size {
+        return None;
+    }
+    let footer = &tail[tail.len() - FOOTER..];
+    if &footer[10..12] != b"YZ" {
+        return None;
+    }
+    let backward = u64::from(u32::from_le_bytes([footer[4], footer[5], footer[6], footer[7]]));
+    let index_size = usize::try_from((backward + 1) * 4).ok()?;
+    let index_end = tail.len() - FOOTER;
+    let index = tail.get(index_end.checked_sub(index_size)?..index_end)?;
+    if index.first() != Some(&0) {
+        return None;
+    }
+    let mut position = 1;
+    let varint = |position: &mut usize| -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..63).step_by(7) {
+            let byte = *index.get(*position)?;
+            *position += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    };
+    let records = varint(&mut position)?;
+    let (mut unpacked, mut blocks) = (0u64, 0u64);
+    for _ in 0..records {
+        let unpadded = varint(&mut position)?;
+        unpacked = unpacked.checked_add(varint(&mut position)?)?;
+        blocks = blocks.checked_add(unpadded.checked_add(3)? / 4 * 4)?;
+    }
+    // One stream exactly: header, blocks, index, footer fill the file.
+    let stream = HEADER + blocks + index_size as u64 + FOOTER as u64;
+    (stream == file_size).then_some(unpacked)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xz_sizes_come_from_the_index() {
+        for (length, preset) in [(0usize, 1u32), (1, 6), (3 << 20, 1), (5 << 20, 9)] {
+            let data: Vec<u8> = (0..length).map(|index| (index * 31 % 251) as u8).collect();
+            let mut encoder = xz2::write::XzEncoder::new(Vec::new(), preset);
+            io::Write::write_all(&mut encoder, &data).unwrap();
+            let packed = encoder.finish().unwrap();
+            assert_eq!(xz_unpacked_size(&packed, packed.len() as u64), Some(length as u64), "{length}");
+            let tail = &packed[packed.len().saturating_sub(100)..];
+            assert_eq!(xz_unpacked_size(tail, packed.len() as u64), Some(length as u64), "tail of {length}");
+            // Two streams, or a cut file: unknown.
+            let twice = [packed.clone(), packed.clone()].concat();
+            assert_eq!(xz_unpacked_size(&twice, twice.len() as u64), None);
+            assert_eq!(xz_unpacked_size(&packed[..packed.len() - 1], packed.len() as u64 - 1), None);
+        }
+        assert_eq!(xz_unpacked_size(b"", 0), None);
+        assert_eq!(xz_unpacked_size(&[0xff; 40], 40), None);
+    }
 
     #[test]
     fn bounded_output_stops_a_bomb() {

@@ -103,6 +103,28 @@ impl HttpSource {
         }
     }
 
+    /// The last `bytes` of the body by a `Range` request, when the server
+    /// supports ranges; `None` otherwise or on any failure (it is a hint).
+    pub async fn tail(&self, bytes: u64) -> Option<Vec<u8>> {
+        let length = self.length?;
+        if !self.ranges || length == 0 {
+            return None;
+        }
+        let start = length.saturating_sub(bytes);
+        let response = self
+            .client
+            .get(&self.url)
+            .header(RANGE, format!("bytes={start}-{}", length - 1))
+            .send()
+            .await
+            .ok()?;
+        if response.status() != StatusCode::PARTIAL_CONTENT {
+            return None;
+        }
+        let body = response.bytes().await.ok()?;
+        (body.len() as u64 == length - start).then(|| body.to_vec())
+    }
+
     /// Sends the body into `sender`, resuming after a lost connection when
     /// the server supports ranges. Ends with an `Err` item on failure.
     pub async fn pump(mut self, sender: mpsc::Sender<io::Result<Bytes>>) {

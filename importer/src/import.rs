@@ -19,6 +19,11 @@ use crate::reference::ImageReference;
 use crate::registry_client::{ClientOptions, RegistryClient};
 use crate::ImportError;
 
+/// Bytes read from the end of a source to find an xz index (which lists
+/// the unpacked size, so that an xz source streams instead of being
+/// unpacked to scratch first).
+const XZ_TAIL: u64 = 1 << 20;
+
 /// Where the image comes from.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -87,6 +92,9 @@ pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<R
             let http = crate::registry_client::http_client(request.source_ca_bundle.as_deref())?;
             let source = HttpSource::open(http, url, request.retry).await?;
             let length = source.length;
+            if let (Some(tail), Some(length)) = (source.tail(XZ_TAIL).await, length) {
+                options.xz_unpacked_size = dvcr_converter::unwrap::xz_unpacked_size(&tail, length);
+            }
             options.file_name = url_file_name(url);
             let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
             tokio::spawn(source.pump(sender));
@@ -95,6 +103,11 @@ pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<R
         Source::File(path) => {
             let file = std::fs::File::open(path).map_err(ImportError::SourceRead)?;
             let length = file.metadata().map_err(ImportError::SourceRead)?.len();
+            let tail_start = length - XZ_TAIL.min(length);
+            let mut tail = vec![0u8; (length - tail_start) as usize];
+            if std::os::unix::fs::FileExt::read_exact_at(&file, &mut tail, tail_start).is_ok() {
+                options.xz_unpacked_size = dvcr_converter::unwrap::xz_unpacked_size(&tail, length);
+            }
             options.file_name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
             (Box::new(file), Some(length))
         }

@@ -50,6 +50,10 @@ pub struct PipelineOptions {
     pub scratch_dir: PathBuf,
     /// Store a raw disk, converting other formats (`--format raw`).
     pub convert_to_raw: bool,
+    /// The unpacked size of an xz source, when its index could be read
+    /// before the download (a `Range` request for its tail): it then
+    /// streams instead of being unpacked to scratch first.
+    pub xz_unpacked_size: Option<u64>,
 }
 
 /// Facts about the stored image.
@@ -101,7 +105,11 @@ pub fn build_layer(
         let inner = detect::detect_format(&head, None);
         wrapper.is_some() || !matches!(inner, ImageFormat::Raw | ImageFormat::Iso)
     };
-    if wrapper.is_some() || source_length.is_none() || wants_conversion {
+    let known_unpacked = match wrapper {
+        Some(detect::Compression::Xz) => options.xz_unpacked_size,
+        _ => None,
+    };
+    if (wrapper.is_some() && known_unpacked.is_none()) || source_length.is_none() || wants_conversion {
         // The unpacked length goes in the tar header before the data, and is
         // known only at the end: unpack to scratch, then check and send.
         let mut spool = tempfile::tempfile_in(&options.scratch_dir).map_err(|error| ImportError::Scratch(options.scratch_dir.clone(), error))?;
@@ -127,18 +135,48 @@ pub fn build_layer(
         return Ok((facts, layer));
     }
 
-    let length = source_length.unwrap_or_default();
+    let (facts, layer) = match (wrapper, known_unpacked) {
+        (Some(compression), Some(unpacked)) => {
+            let rejoined = io::Cursor::new(head).chain(&mut counted);
+            let mut decoder = unwrap::decoder(compression, rejoined, options.max_virtual_size).map_err(ImportError::source_read)?;
+            let mut unpacked_head = vec![0u8; HEAD_BYTES];
+            let read = unwrap::read_up_to(&mut decoder, &mut unpacked_head).map_err(ImportError::source_read)?;
+            unpacked_head.truncate(read);
+            stream_known_length(unpacked_head, decoder, unpacked, file_name, options, sink)?
+        }
+        _ => stream_known_length(head, &mut counted, source_length.unwrap_or_default(), file_name, options, sink)?,
+    };
+    counted.verify()?;
+    Ok((
+        ImageFacts {
+            unpacked_from: wrapper,
+            ..facts
+        },
+        layer,
+    ))
+}
+
+/// Streams an image of known `length` (its first bytes in `head`, the
+/// rest from `rest`) into the layer, checking its header before anything
+/// is sent and describing it from its head and tail once it has passed.
+fn stream_known_length(
+    head: Vec<u8>,
+    rest: impl Read,
+    length: u64,
+    file_name: String,
+    options: &PipelineOptions,
+    sink: impl Write,
+) -> Result<(ImageFacts, LayerFacts), ImportError> {
     // Refuse a bad header before sending anything; the tail is not known yet.
     describe(&head, None, length.max(head.len() as u64), options)?;
     let kept_head = head.clone();
     let mut tail = Tail::default();
     let mut data = ExactLength {
-        inner: io::Cursor::new(head).chain(&mut counted),
+        inner: io::Cursor::new(head).chain(rest),
         remaining: length,
         tail: &mut tail,
     };
     let layer = write_layer(&mut data, length, &file_name, options.layer_compression, sink)?;
-    counted.verify()?;
     let (format, virtual_size) = describe(&kept_head, Some(&tail.bytes), length, options)?;
     Ok((
         ImageFacts {
