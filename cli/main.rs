@@ -132,6 +132,9 @@ struct ServeArgs {
     /// Folder that holds the registry's data (filesystem storage).
     #[arg(long, default_value = "./dvcr-data")]
     storage_dir: PathBuf,
+    /// How long an upload session (POST /dvcr/uploads) waits for its upload (30s, 15m, 1h).
+    #[arg(long, value_parser = transfer::parse_duration, default_value = "15m")]
+    upload_session_lifetime: std::time::Duration,
 }
 
 fn init_logging(format: LogFormat) {
@@ -173,7 +176,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let router = dvcr_registry::router(Arc::new(driver)).merge(transfer::upload_sessions(listener.local_addr()?)?);
+    let router = dvcr_registry::router(Arc::new(driver)).merge(transfer::upload_sessions(listener.local_addr()?, args.upload_session_lifetime)?);
     tracing::info!(
         listen = %listener.local_addr()?,
         storage = %args.storage_dir.display(),

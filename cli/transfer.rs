@@ -126,7 +126,8 @@ pub struct UploadServerArgs {
     report: ReportArgs,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Parses 30s, 15m, 1h (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
     let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 15m or 1h"))?;
     let seconds = match unit {
@@ -345,7 +346,7 @@ pub fn run_upload_server(args: UploadServerArgs) -> Result<(), CommandFailure> {
 
 /// The upload sessions `dvcr serve` offers: uploads are pushed back to the
 /// registry itself over loopback, through the same pipeline as imports.
-pub fn upload_sessions(listening: SocketAddr) -> anyhow::Result<axum::Router> {
+pub fn upload_sessions(listening: SocketAddr, lifetime: Duration) -> anyhow::Result<axum::Router> {
     use dvcr_importer::upload_server::{session_router, UploadSessions};
     let port = listening.port();
     let host = if listening.ip().is_unspecified() || listening.ip().is_loopback() {
@@ -368,7 +369,7 @@ pub fn upload_sessions(listening: SocketAddr) -> anyhow::Result<axum::Router> {
         convert_to_raw: false,
         xz_unpacked_size: None,
     };
-    Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options))))
+    Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options, lifetime))))
 }
 
 /// A random-access reader for an `http(s)://` URL or a `docker://`

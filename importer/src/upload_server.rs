@@ -175,22 +175,38 @@ pub struct UploadSessions {
     client: Arc<RegistryClient>,
     host: String,
     options: PipelineOptions,
-    sessions: Mutex<HashMap<String, Arc<UploadSlot>>>,
+    /// How long a session waits for its upload, and how long a finished
+    /// one keeps answering 409.
+    lifetime: std::time::Duration,
+    sessions: Mutex<HashMap<String, (std::time::Instant, Arc<UploadSlot>)>>,
 }
 
 impl UploadSessions {
-    /// Sessions pushing to the registry at `host` through `client`.
-    pub fn new(client: Arc<RegistryClient>, host: String, options: PipelineOptions) -> Self {
+    /// Sessions pushing to the registry at `host` through `client`, each
+    /// forgotten `lifetime` after it was created unless an upload is under
+    /// way then.
+    pub fn new(client: Arc<RegistryClient>, host: String, options: PipelineOptions, lifetime: std::time::Duration) -> Self {
         UploadSessions {
             client,
             host,
             options,
+            lifetime,
             sessions: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The live session of `token`; expired sessions are dropped on the way.
     fn find(&self, token: &str) -> Option<Arc<UploadSlot>> {
-        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(token).cloned()
+        let mut sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.prune(&mut sessions);
+        sessions.get(token).map(|(_, slot)| slot.clone())
+    }
+
+    fn prune(&self, sessions: &mut HashMap<String, (std::time::Instant, Arc<UploadSlot>)>) {
+        sessions.retain(|_, (created, slot)| {
+            let receiving = !slot.is_waiting() && slot.stored_report().is_none();
+            created.elapsed() < self.lifetime || receiving
+        });
     }
 }
 
@@ -218,11 +234,10 @@ async fn create_session(State(sessions): State<Arc<UploadSessions>>, Query(query
     };
     let token = Alphanumeric.sample_string(&mut rand::rng(), 32);
     let slot = Arc::new(UploadSlot::new(sessions.client.clone(), destination, sessions.options.clone()));
-    sessions
-        .sessions
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .insert(token.clone(), slot);
+    let mut live = sessions.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    sessions.prune(&mut live);
+    live.insert(token.clone(), (std::time::Instant::now(), slot));
+    drop(live);
     let body = serde_json::json!({ "url": format!("/upload/{token}") });
     (StatusCode::CREATED, [(axum::http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
@@ -230,7 +245,7 @@ async fn create_session(State(sessions): State<Arc<UploadSessions>>, Query(query
 async fn session_ready(State(sessions): State<Arc<UploadSessions>>, Path(token): Path<String>) -> Response {
     match sessions.find(&token) {
         Some(_) => (StatusCode::OK, "ready for an upload: curl -T IMAGE URL\n").into_response(),
-        None => (StatusCode::NOT_FOUND, "no such upload\n").into_response(),
+        None => (StatusCode::NOT_FOUND, "no such upload (or it expired): create a new one\n").into_response(),
     }
 }
 
@@ -242,6 +257,6 @@ async fn session_receive(
 ) -> Response {
     match sessions.find(&token) {
         Some(slot) => slot.receive(headers, body).await,
-        None => (StatusCode::NOT_FOUND, "no such upload\n").into_response(),
+        None => (StatusCode::NOT_FOUND, "no such upload (or it expired): create a new one\n").into_response(),
     }
 }
