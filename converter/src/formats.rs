@@ -35,7 +35,7 @@ pub fn virtual_size(format: ImageFormat, source: &dyn ReadAt) -> Result<Option<u
             })?))
         }
         ImageFormat::Vhd => vhd_size(source).map(Some),
-        ImageFormat::Vhdx => vhdx_size(source).map(Some),
+        ImageFormat::Vhdx => crate::vhdx::virtual_size(source).map(Some),
         ImageFormat::Vdi => {
             let header = read(source, format, 0, 0x178)?;
             let version = le32(&header, 0x44);
@@ -85,48 +85,6 @@ fn vhd_size(source: &dyn ReadAt) -> Result<u64, ConverterError> {
     } else {
         Ok(cylinders * heads * sectors_per_track * 512)
     }
-}
-
-/// GUIDs as they are stored on disk (first three fields little-endian).
-const VHDX_METADATA_REGION: [u8; 16] = [
-    0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b, 0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e,
-];
-const VHDX_VIRTUAL_DISK_SIZE: [u8; 16] = [
-    0x24, 0x42, 0xa5, 0x2f, 0x1b, 0xcd, 0x76, 0x48, 0xb2, 0x11, 0x5d, 0xbe, 0xd8, 0x3b, 0xf4, 0xb8,
-];
-const VHDX_REGION_TABLE: u64 = 192 << 10;
-const VHDX_MAX_ENTRIES: u32 = 2047;
-
-/// VHDX: the Virtual Disk Size item of the metadata region.
-fn vhdx_size(source: &dyn ReadAt) -> Result<u64, ConverterError> {
-    let format = ImageFormat::Vhdx;
-    let malformed = |reason: String| ConverterError::Malformed { format, reason };
-    let table = read(source, format, VHDX_REGION_TABLE, 64 << 10)?;
-    if &table[..4] != b"regi" {
-        return Err(malformed("no region table at 192 KiB".into()));
-    }
-    let entries = le32(&table, 8).min(VHDX_MAX_ENTRIES) as usize;
-    let metadata = (0..entries)
-        .map(|index| &table[16 + index * 32..16 + (index + 1) * 32])
-        .find(|entry| entry[..16] == VHDX_METADATA_REGION)
-        .map(|entry| (le64(entry, 16), le32(entry, 24)))
-        .ok_or_else(|| malformed("the region table has no metadata region".into()))?;
-    let (metadata_offset, metadata_length) = metadata;
-    let header = read(source, format, metadata_offset, (64 << 10).min(metadata_length as usize))?;
-    if header.len() < 32 || &header[..8] != b"metadata" {
-        return Err(malformed("the metadata region has no `metadata` signature".into()));
-    }
-    let count = usize::from(u16::from_le_bytes([header[10], header[11]])).min(VHDX_MAX_ENTRIES as usize);
-    for index in 0..count {
-        let at = 32 + index * 32;
-        let Some(entry) = header.get(at..at + 32) else { break };
-        if entry[..16] == VHDX_VIRTUAL_DISK_SIZE {
-            let item_offset = metadata_offset + u64::from(le32(entry, 16));
-            let item = read(source, format, item_offset, 8)?;
-            return Ok(le64(&item, 0));
-        }
-    }
-    Err(malformed("the metadata region has no virtual disk size item".into()))
 }
 
 #[cfg(test)]

@@ -105,6 +105,13 @@ impl<'a> VhdxImage<'a> {
     }
 }
 
+/// The virtual size from the metadata region, without the other checks
+/// (what `dvcr info` reads of a wrapped image).
+pub(crate) fn virtual_size(source: &dyn ReadAt) -> Result<u64, ConverterError> {
+    let (_, metadata_region) = regions(source)?;
+    Ok(Metadata::read(source, metadata_region)?.virtual_size)
+}
+
 /// Refuses a file whose current header names a log to replay.
 fn check_log(source: &dyn ReadAt) -> Result<(), ConverterError> {
     let mut current: Option<(u64, Vec<u8>)> = None;
