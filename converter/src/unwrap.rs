@@ -6,12 +6,24 @@ use std::io::{self, Read};
 
 use crate::detect::Compression;
 
+/// Most memory an xz decoder may use: `xz -9` needs 65 MiB; the largest
+/// preset dictionary (1.5 GiB) is refused.
+const XZ_MEMORY_LIMIT: u64 = 256 << 20;
+
 /// A decoder for `compression` over `input`, yielding at most `limit` bytes;
 /// one byte more is an error naming the limit.
 pub fn decoder<'a>(compression: Compression, input: impl Read + 'a, limit: u64) -> io::Result<Bounded<Box<dyn Read + 'a>>> {
     let inner: Box<dyn Read + 'a> = match compression {
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(input)),
+        Compression::Xz => {
+            // The .xz format only (xz2's multi decoder also takes legacy
+            // .lzma, whose header sets a dictionary of up to 4 GiB), and a
+            // memory limit: a hostile header cannot make the decoder
+            // allocate more.
+            let stream = xz2::stream::Stream::new_stream_decoder(XZ_MEMORY_LIMIT, xz2::stream::CONCATENATED)
+                .map_err(|error| io::Error::other(format!("cannot start an xz decoder: {error}")))?;
+            Box::new(xz2::read::XzDecoder::new_stream(input, stream))
+        }
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(input)?),
         Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(input)),
     };
@@ -125,6 +137,34 @@ pub fn xz_unpacked_size(tail: &[u8], file_size: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `cargo fuzz run wrappers`: a legacy .lzma header asking
+    /// for a 4 GiB dictionary made the xz decoder allocate it.
+    #[test]
+    fn xz_decoding_has_a_memory_limit_and_no_legacy_lzma() {
+        let legacy: &[u8] = b"\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x00\x02\x00\x00\x00\x00\x00";
+        let mut reader = decoder(Compression::Xz, legacy, 1 << 20).unwrap();
+        assert!(io::copy(&mut reader, &mut io::sink()).is_err());
+        // A genuine xz stream whose dictionary (384 MiB) is above the limit.
+        let mut options = xz2::stream::LzmaOptions::new_preset(1).unwrap();
+        options.dict_size(384 << 20);
+        let mut filters = xz2::stream::Filters::new();
+        filters.lzma2(&options);
+        let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::Crc64).unwrap();
+        let mut encoder = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+        io::Write::write_all(&mut encoder, b"hello").unwrap();
+        let packed = encoder.finish().unwrap();
+        let mut reader = decoder(Compression::Xz, packed.as_slice(), 1 << 20).unwrap();
+        let error = io::copy(&mut reader, &mut io::sink()).unwrap_err();
+        assert!(error.to_string().contains("xz stream is corrupt"), "{error}");
+        // Ordinary presets still decode.
+        let mut encoder = xz2::write::XzEncoder::new(Vec::new(), 9);
+        io::Write::write_all(&mut encoder, b"hello").unwrap();
+        let packed = encoder.finish().unwrap();
+        let mut out = Vec::new();
+        decoder(Compression::Xz, packed.as_slice(), 100).unwrap().read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"hello");
+    }
 
     #[test]
     fn xz_sizes_come_from_the_index() {
