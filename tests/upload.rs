@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::image::pseudo_random;
-use common::{free_port, require_tool, run, Server, DVCR};
+use common::{free_port, require_tool, run, wait_for_listener, Server, DVCR};
 use serde_json::Value;
 
 /// A qcow2 with some data, made by qemu-img.
@@ -46,11 +46,7 @@ impl UploadServer {
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}/upload");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "upload-server did not listen");
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        wait_for_listener(port, "upload-server");
         UploadServer { child: Some(child), url }
     }
 
@@ -216,29 +212,14 @@ fn serve_hands_out_single_use_upload_urls() {
 #[test]
 fn upload_sessions_expire() {
     let directory = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let storage = directory.path().join("registry");
-    let mut child = Command::new(DVCR)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upload-session-lifetime", "1s", "--storage-dir"])
-        .arg(&storage)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "dvcr serve did not listen");
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    let server = Server::start_with(&directory.path().join("registry"), free_port(), &["--upload-session-lifetime", "1s"]);
+    let base = format!("http://{}", server.address);
     let (status, body) = curl(&["-X", "POST", &format!("{base}/dvcr/uploads?destination=vi/vms/late:uid")]);
     assert_eq!(status, 201);
     let url = format!("{base}{}", serde_json::from_str::<Value>(&body).unwrap()["url"].as_str().unwrap());
     assert_eq!(curl(&[&url]).0, 200);
     std::thread::sleep(Duration::from_millis(1500));
     let (status, body) = curl(&[&url]);
-    let _ = child.kill();
-    let _ = child.wait();
     assert_eq!(status, 404, "an expired session still answers");
     assert!(body.contains("expired"), "{body}");
 }

@@ -53,15 +53,20 @@ pub trait MappedImage: Sync {
         visit: &mut dyn FnMut(u64, Cluster) -> Result<(), ConverterError>,
     ) -> Result<(), ConverterError>;
     /// Decompresses a [`Cluster::Compressed`] into `output` (a cluster
-    /// long, of which the guest part must be filled).
+    /// long, of which the guest part must be filled). Formats whose walk
+    /// never reports compressed clusters keep this default.
     fn decompress_cluster(
         &self,
         guest_offset: u64,
-        host_offset: u64,
-        stored: u64,
-        scratch: &mut Vec<u8>,
-        output: &mut [u8],
-    ) -> Result<(), ConverterError>;
+        _host_offset: u64,
+        _stored: u64,
+        _scratch: &mut Vec<u8>,
+        _output: &mut [u8],
+    ) -> Result<(), ConverterError> {
+        Err(ConverterError::Read(std::io::Error::other(format!(
+            "guest offset {guest_offset:#x}: this image format has no compressed clusters"
+        ))))
+    }
 }
 
 /// Reads `length` bytes at `offset`, or says which structure of which

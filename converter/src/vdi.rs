@@ -122,8 +122,4 @@ impl MappedImage for VdiImage<'_> {
         }
         Ok(())
     }
-
-    fn decompress_cluster(&self, guest_offset: u64, _: u64, _: u64, _: &mut Vec<u8>, _: &mut [u8]) -> Result<(), ConverterError> {
-        Err(malformed(format!("guest offset {guest_offset:#x}: VDI has no compressed blocks")))
-    }
 }

@@ -230,8 +230,4 @@ impl MappedImage for VhdxImage<'_> {
         }
         Ok(())
     }
-
-    fn decompress_cluster(&self, guest_offset: u64, _: u64, _: u64, _: &mut Vec<u8>, _: &mut [u8]) -> Result<(), ConverterError> {
-        Err(malformed(format!("guest offset {guest_offset:#x}: VHDX has no compressed blocks")))
-    }
 }

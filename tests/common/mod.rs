@@ -61,6 +61,11 @@ impl Server {
 
     /// Starts `dvcr serve` on `port` over `storage` and waits until it answers.
     pub fn start_on(storage: &Path, port: u16) -> Server {
+        Server::start_with(storage, port, &[])
+    }
+
+    /// As [`Server::start_on`], with more `dvcr serve` arguments.
+    pub fn start_with(storage: &Path, port: u16, extra: &[&str]) -> Server {
         let address = format!("127.0.0.1:{port}");
         let log = storage.with_extension(format!("{port}.log"));
         let log_file = std::fs::OpenOptions::new()
@@ -71,6 +76,7 @@ impl Server {
         let child = Command::new(DVCR)
             .args(["serve", "--listen", &address, "--storage-dir"])
             .arg(storage)
+            .args(extra)
             .env("DVCR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log handle"))
@@ -134,6 +140,15 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Waits (at most 20 s) until something listens on 127.0.0.1:`port`.
+pub fn wait_for_listener(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on port {port} within 20 s");
+        std::thread::sleep(Duration::from_millis(25));
     }
 }
 
