@@ -1,5 +1,6 @@
 //! `dvcr`: the one binary of DVCR, with a subcommand per job.
 
+mod token;
 mod transfer;
 
 use std::io::IsTerminal;
@@ -41,6 +42,9 @@ enum Command {
     Import(Box<transfer::ImportArgs>),
     /// Receive one image by `curl -T IMAGE http://ADDR/upload` and store it in the registry.
     UploadServer(Box<transfer::UploadServerArgs>),
+    /// Registry tokens: make a signing key pair, issue a scoped token.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -133,8 +137,74 @@ struct ServeArgs {
     #[arg(long, default_value = "./dvcr-data")]
     storage_dir: PathBuf,
     /// How long an upload session (POST /dvcr/uploads) waits for its upload (30s, 15m, 1h).
+    /// Upload sessions are offered by the embedded default only (no authentication, no TLS);
+    /// in a cluster, `dvcr upload-server` takes uploads.
     #[arg(long, value_parser = transfer::parse_duration, default_value = "15m")]
     upload_session_lifetime: std::time::Duration,
+    #[command(flatten)]
+    auth: AuthArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Who may use the registry. Without any of these the registry is open,
+/// which it allows only on a loopback address.
+#[derive(clap::Args)]
+struct AuthArgs {
+    /// htpasswd file of users (bcrypt, `htpasswd -B`); re-read when it changes.
+    #[arg(long)]
+    htpasswd: Option<PathBuf>,
+    /// A user of the htpasswd file who may only pull (such as the nodes' node-puller); repeatable.
+    #[arg(long = "read-only-user")]
+    read_only_users: Vec<String>,
+    /// PEM public key (EC P-256) that scoped ES256 tokens must be signed with.
+    #[arg(long)]
+    token_public_key: Option<PathBuf>,
+    /// The `iss` tokens must carry.
+    #[arg(long, default_value = dvcr_registry::auth::token::DEFAULT_ISSUER)]
+    token_issuer: String,
+    /// The `aud` tokens must carry.
+    #[arg(long, default_value = dvcr_registry::auth::token::DEFAULT_AUDIENCE)]
+    token_audience: String,
+}
+
+/// TLS for the registry's listener.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates; clients must then present a certificate signed by one of them.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    fn authenticator(&self) -> anyhow::Result<Option<dvcr_registry::auth::Authenticator>> {
+        use dvcr_registry::auth::{Authenticator, Htpasswd, TokenVerifier};
+        if self.htpasswd.is_none() && self.token_public_key.is_none() {
+            if !self.read_only_users.is_empty() {
+                anyhow::bail!("--read-only-user needs --htpasswd");
+            }
+            return Ok(None);
+        }
+        let htpasswd = self.htpasswd.as_deref().map(Htpasswd::load).transpose()?;
+        let tokens = match &self.token_public_key {
+            Some(path) => {
+                let key = std::fs::read(path).with_context(|| format!("cannot read the token public key {}", path.display()))?;
+                Some(
+                    TokenVerifier::new(&key, &self.token_issuer, &self.token_audience)
+                        .with_context(|| format!("cannot use the token public key {}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let read_only = self.read_only_users.iter().cloned().collect();
+        Ok(Some(Authenticator::new(htpasswd, read_only, tokens).map_err(anyhow::Error::msg)?))
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -171,21 +241,44 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let auth = args.auth.authenticator()?;
+    if auth.is_none() && !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "listening on {} needs authentication: give --htpasswd and/or --token-public-key (the registry is open only on a loopback address)",
+            args.listen
+        );
+    }
+    let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
+        (Some(certificate), Some(key)) => Some(dvcr_registry::tls::server_config(certificate, key, args.tls.tls_client_ca.as_deref())?),
+        _ => None,
+    };
     let driver = FilesystemDriver::new(&args.storage_dir)
         .with_context(|| format!("cannot use storage folder {}", args.storage_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let router = dvcr_registry::router(Arc::new(driver)).merge(transfer::upload_sessions(listener.local_addr()?, args.upload_session_lifetime)?);
+    let embedded_default = auth.is_none() && tls.is_none();
+    let mut router = dvcr_registry::router_with_auth(Arc::new(driver), auth);
+    if embedded_default {
+        router = router.merge(transfer::upload_sessions(listener.local_addr()?, args.upload_session_lifetime)?);
+    }
     tracing::info!(
         listen = %listener.local_addr()?,
         storage = %args.storage_dir.display(),
+        tls = tls.is_some(),
+        authentication = !embedded_default && (args.auth.htpasswd.is_some() || args.auth.token_public_key.is_some()),
         "registry serving"
     );
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server failed")
+    match tls {
+        Some(config) => {
+            dvcr_registry::tls::serve(listener, router, config, shutdown_signal()).await;
+            Ok(())
+        }
+        None => axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("server failed"),
+    }
 }
 
 /// Runs the registry on a multi-threaded runtime; the other subcommands
@@ -205,6 +298,7 @@ fn main() -> ExitCode {
         Some(Command::Import(args)) => transfer::run_import(*args),
         Some(Command::UploadServer(args)) => transfer::run_upload_server(*args),
         Some(Command::Serve(args)) => run_serve(args).map_err(failure),
+        Some(Command::Token(command)) => token::run(command).map_err(failure),
         None => run_serve(ServeArgs::parse_defaults()).map_err(failure),
     };
     match result {

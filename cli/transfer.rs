@@ -40,10 +40,13 @@ pub struct PushArgs {
     /// A dockerconfigjson file (a Kubernetes pull secret) with credentials for the registries (source and destination).
     #[arg(long)]
     auth_file: Option<PathBuf>,
-    /// PEM CA certificates to trust for the destination registry.
+    /// A file holding a registry token for the destination (`dvcr token issue`, or the controller's), sent as Bearer.
+    #[arg(long)]
+    registry_token_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for the destination registry (also makes a loopback registry speak HTTPS).
     #[arg(long)]
     registry_ca_bundle: Option<PathBuf>,
-    /// Speak plain HTTP to the destination registry (loopback registries always do).
+    /// Speak plain HTTP to the destination registry (loopback registries do unless --registry-ca-bundle is given).
     #[arg(long)]
     plain_http: bool,
     /// Compression of the stored layer.
@@ -152,10 +155,15 @@ impl PushArgs {
                 .map_err(|reason| anyhow::anyhow!("the auth file is unusable: {reason}"))?,
             None => None,
         };
+        let bearer_token = read_optional(&self.registry_token_file, "registry token file")?
+            .map(|bytes| String::from_utf8(bytes).map(|text| text.trim().to_string()))
+            .transpose()
+            .map_err(|_| anyhow::anyhow!("the registry token file is not text"))?;
         Ok(ClientOptions {
             ca_bundle: read_optional(&self.registry_ca_bundle, "registry CA bundle")?,
             plain_http: self.plain_http,
             credentials,
+            bearer_token,
         })
     }
 

@@ -30,6 +30,7 @@ pub async fn open_disk(from: &ImageReference, request: &ImportRequest) -> Result
         ca_bundle: request.source_ca_bundle.clone(),
         plain_http: request.registry.plain_http,
         credentials,
+        bearer_token: None,
     };
     let mut client = RegistryClient::new(from, &options)?;
     client.authorize(&[&from.repository], "pull").await?;

@@ -122,10 +122,13 @@ pub struct RegistryClient {
 pub struct ClientOptions {
     /// PEM CA certificates to trust besides the system's.
     pub ca_bundle: Option<Vec<u8>>,
-    /// Speak plain HTTP (loopback hosts always do).
+    /// Speak plain HTTP (loopback hosts do too unless a CA bundle is given).
     pub plain_http: bool,
     /// Credentials.
     pub credentials: Option<Credentials>,
+    /// A registry token (such as one from `dvcr token issue` or the
+    /// controller), sent as `Authorization: Bearer` with every request.
+    pub bearer_token: Option<String>,
 }
 
 /// Builds an HTTP client trusting `ca_bundle` besides the system roots.
@@ -154,13 +157,21 @@ fn is_loopback(host: &str) -> bool {
 impl RegistryClient {
     /// A client for the registry of `reference`.
     pub fn new(reference: &ImageReference, options: &ClientOptions) -> Result<Self, RegistryError> {
-        let scheme = if options.plain_http || is_loopback(&reference.host) { "http" } else { "https" };
+        let plain = options.plain_http || (is_loopback(&reference.host) && options.ca_bundle.is_none());
+        let scheme = if plain { "http" } else { "https" };
+        let authorization = match &options.bearer_token {
+            Some(token) => Some(HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| RegistryError::Protocol {
+                host: reference.host.clone(),
+                reason: "the registry token holds characters a header cannot carry".into(),
+            })?),
+            None => None,
+        };
         Ok(RegistryClient {
             http: http_client(options.ca_bundle.as_deref())?,
             base: format!("{scheme}://{}", reference.host),
             host: reference.host.clone(),
             credentials: options.credentials.clone(),
-            authorization: None,
+            authorization,
         })
     }
 
@@ -208,6 +219,10 @@ impl RegistryClient {
     /// `repositories` before anything is streamed, since a streamed body
     /// cannot be sent twice.
     pub async fn authorize(&mut self, repositories: &[&str], actions: &str) -> Result<(), RegistryError> {
+        if self.authorization.as_ref().is_some_and(|value| value.as_bytes().starts_with(b"Bearer ")) && self.credentials.is_none() {
+            // A token given up front is the whole authorization.
+            return Ok(());
+        }
         let response = self
             .http
             .get(format!("{}/v2/", self.base))

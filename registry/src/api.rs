@@ -17,7 +17,9 @@ use oci_spec::image::{DescriptorBuilder, ImageIndexBuilder, MediaType};
 use crate::error::{ErrorCode, RegistryError, RegistryResult};
 use crate::manifest::{self, MAX_MANIFEST_BYTES, OCI_INDEX};
 use crate::names::{Algorithm, Digest, Reference, RepositoryName, Tag};
+use crate::auth::{needs, Action, Identity, Need};
 use crate::store::{ChunkStart, Store};
+use crate::Registry;
 
 const DOCKER_CONTENT_DIGEST: &str = "Docker-Content-Digest";
 const DOCKER_UPLOAD_UUID: &str = "Docker-Upload-UUID";
@@ -160,8 +162,8 @@ fn empty(status: StatusCode) -> Response {
 }
 
 /// The entry point: routes a request and turns errors into spec answers.
-pub async fn handle(State(store): State<Arc<Store>>, request: Request) -> Response {
-    let mut response = match dispatch(&store, request).await {
+pub async fn handle(State(registry): State<Arc<Registry>>, request: Request) -> Response {
+    let mut response = match dispatch(&registry, request).await {
         Ok(response) => response,
         Err(error) => {
             if error.status.is_server_error() {
@@ -178,12 +180,17 @@ pub async fn handle(State(store): State<Arc<Store>>, request: Request) -> Respon
     response
 }
 
-async fn dispatch(store: &Store, request: Request) -> RegistryResult<Response> {
+async fn dispatch(registry: &Registry, request: Request) -> RegistryResult<Response> {
     let route = match Route::parse(request.uri().path())? {
         Some(route) => route,
         None => return Err(RegistryError::not_found_route(request.uri().path())),
     };
     let method = request.method().clone();
+    let identity = match &registry.auth {
+        Some(auth) => auth.authorize(request.headers(), &needs(&route, &method)).await?,
+        None => Identity::Anyone,
+    };
+    let store = &registry.store;
     let path = request.uri().path().to_string();
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => {
@@ -197,7 +204,7 @@ async fn dispatch(store: &Store, request: Request) -> RegistryResult<Response> {
             get_blob(store, &name, &digest, request.headers(), method == Method::HEAD).await
         }
         (Route::Blob(name, digest), Method::DELETE) => delete_blob(store, &name, &digest).await,
-        (Route::UploadStart(name), Method::POST) => start_upload(store, &name, request).await,
+        (Route::UploadStart(name), Method::POST) => start_upload(store, &identity, &name, request).await,
         (Route::Upload(name, id), Method::GET) => upload_status(store, &name, &id).await,
         (Route::Upload(name, id), Method::PATCH) => patch_upload(store, &name, &id, request).await,
         (Route::Upload(name, id), Method::PUT) => finish_upload(store, &name, &id, request).await,
@@ -374,13 +381,15 @@ fn chunk_start(headers: &HeaderMap) -> RegistryResult<Option<ChunkStart>> {
     Ok(Some(ChunkStart(start)))
 }
 
-async fn start_upload(store: &Store, name: &RepositoryName, request: Request) -> RegistryResult<Response> {
+async fn start_upload(store: &Store, identity: &Identity, name: &RepositoryName, request: Request) -> RegistryResult<Response> {
     let query = Query::from_request(&request);
     if let Some(mount) = query.first("mount") {
         let digest: Digest = mount.parse()?;
         if let Some(from) = query.first("from") {
             let from = RepositoryName::parse(from)?;
-            if store.mount_blob(name, &from, &digest).await? {
+            // Knowing a digest is no right to another repository's blob.
+            let may_read_source = identity.allows(&Need::Repository(from.to_string(), Action::Pull));
+            if may_read_source && store.mount_blob(name, &from, &digest).await? {
                 tracing::info!(repository = %name, from = %from, %digest, "blob mounted");
                 return Ok(blob_created(name, &digest));
             }

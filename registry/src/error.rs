@@ -34,6 +34,10 @@ pub enum ErrorCode {
     Unsupported,
     /// A requested range cannot be satisfied.
     RangeInvalid,
+    /// Authentication required.
+    Unauthorized,
+    /// Requested access to the resource is denied.
+    Denied,
     /// Anything the server did wrong.
     Internal,
 }
@@ -54,6 +58,8 @@ impl ErrorCode {
             ErrorCode::SizeInvalid => "SIZE_INVALID",
             ErrorCode::Unsupported => "UNSUPPORTED",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::Denied => "DENIED",
             ErrorCode::Internal => "UNKNOWN",
         }
     }

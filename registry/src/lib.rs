@@ -6,11 +6,13 @@
 //! before it goes any further.
 
 pub mod api;
+pub mod auth;
 pub mod error;
 pub mod layout;
 pub mod manifest;
 pub mod names;
 pub mod store;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -20,11 +22,28 @@ use tower_http::trace::TraceLayer;
 
 pub use store::Store;
 
-/// The registry's HTTP service over `driver`.
+/// What the HTTP handlers share.
+pub struct Registry {
+    /// The registry model over the storage driver.
+    pub store: Store,
+    /// Who may do what; `None` lets anyone do anything (loopback only).
+    pub auth: Option<auth::Authenticator>,
+}
+
+/// The registry's HTTP service over `driver`, open to anyone.
 pub fn router(driver: Arc<dyn StorageDriver>) -> Router {
-    let store = Arc::new(Store::new(driver));
+    router_with_auth(driver, None)
+}
+
+/// The registry's HTTP service over `driver`, checking requests with
+/// `auth` when given.
+pub fn router_with_auth(driver: Arc<dyn StorageDriver>, auth: Option<auth::Authenticator>) -> Router {
+    let registry = Arc::new(Registry {
+        store: Store::new(driver),
+        auth,
+    });
     Router::new()
         .fallback(api::handle)
-        .with_state(store)
+        .with_state(registry)
         .layer(TraceLayer::new_for_http())
 }

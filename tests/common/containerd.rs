@@ -80,7 +80,16 @@ impl Drop for Containerd {
 
 /// Pulls `reference` over plain HTTP, mounts it and compares files.
 pub fn pull_and_compare(containerd: &Containerd, reference: &str, mount_point: &Path, expected: &[(&str, &[u8])]) {
-    containerd.ctr(&["images", "pull", "--plain-http", "--snapshotter", "native", reference]);
+    pull_with_and_compare(containerd, &["--plain-http"], reference, mount_point, expected);
+}
+
+/// Pulls `reference` with extra `ctr images pull` flags (credentials, CA),
+/// mounts it and compares files.
+pub fn pull_with_and_compare(containerd: &Containerd, flags: &[&str], reference: &str, mount_point: &Path, expected: &[(&str, &[u8])]) {
+    let mut arguments = vec!["images", "pull"];
+    arguments.extend_from_slice(flags);
+    arguments.extend_from_slice(&["--snapshotter", "native", reference]);
+    containerd.ctr(&arguments);
     std::fs::create_dir_all(mount_point).unwrap();
     containerd.ctr(&[
         "images",

@@ -5,6 +5,7 @@
 
 pub mod containerd;
 pub mod image;
+pub mod pki;
 
 use std::io::Read;
 use std::net::TcpListener;
