@@ -779,3 +779,71 @@ async fn repository_names_are_checked_before_storage() {
     let response = client.put(server.url(&format!("/v2/a/blobs/{digest}"))).send().await.unwrap();
     expect_error(response, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED").await;
 }
+
+/// The value of `name` in the Prometheus text, for a series whose labels
+/// include every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.split(['{', ' ']).next() == Some(name))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next().and_then(|value| value.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_health_readiness_and_request_ids() {
+    let (directory, server, client) = setup();
+    assert_eq!(client.get(server.url("/healthz")).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(client.get(server.url("/readyz")).send().await.unwrap().status(), StatusCode::OK);
+
+    let data = pseudo_random(1 << 20, 3);
+    let digest = push_blob(&client, &server, "vi/ns/metrics", &data).await;
+    let response = client.get(server.url(&format!("/v2/vi/ns/metrics/blobs/{digest}"))).send().await.unwrap();
+    let id = header(&response, "x-request-id");
+    assert_eq!(id.len(), 16, "a request id is given to every answer");
+    assert_eq!(response.bytes().await.unwrap().len(), data.len());
+    let response = client
+        .get(server.url("/v2/vi/ns/metrics/manifests/missing"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&response, "x-request-id"), "trace-me-42", "a plain id from the client is kept");
+    let response = client.get(server.url("/v2/")).header("x-request-id", "bad id\"").send().await.unwrap();
+    assert_ne!(header(&response, "x-request-id"), "bad id\"");
+    let log = server.log();
+    assert!(
+        log.lines().any(|line| line.contains(&id) && line.contains("status=200")),
+        "the request id is in the log:\n{log}"
+    );
+    assert!(log.contains("trace-me-42"), "{log}");
+
+    let text = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let requests = "dvcr_http_requests_total";
+    assert_eq!(metric(&text, requests, &["method=\"GET\"", "route=\"blob\"", "status=\"200\""]), 1.0, "{text}");
+    assert_eq!(metric(&text, requests, &["route=\"manifest\"", "status=\"404\""]), 1.0, "{text}");
+    assert!(metric(&text, requests, &["route=\"upload_start\""]) >= 1.0, "{text}");
+    assert!(metric(&text, "dvcr_http_sent_bytes_total", &[]) >= data.len() as f64, "{text}");
+    assert!(metric(&text, "dvcr_http_received_bytes_total", &[]) >= data.len() as f64, "{text}");
+    assert!(metric(&text, "dvcr_http_request_duration_seconds_count", &["route=\"blob\""]) >= 1.0, "{text}");
+    assert!(text.contains("dvcr_http_request_duration_seconds_bucket{"), "{text}");
+    assert_eq!(metric(&text, "dvcr_uploads_in_flight", &[]), 0.0, "{text}");
+    assert_eq!(metric(&text, "dvcr_storage_errors_total", &[]), 0.0, "{text}");
+
+    // Storage that fails makes the registry unready and is counted.
+    let storage = directory.path().join("data");
+    std::fs::rename(storage.join("docker"), storage.join("docker.moved")).unwrap();
+    std::fs::write(storage.join("docker"), b"not a folder").unwrap();
+    let response = client.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.text().await.unwrap().contains("storage fails"));
+    assert_eq!(client.get(server.url("/healthz")).send().await.unwrap().status(), StatusCode::OK);
+    let response = client.get(server.url(&format!("/v2/vi/ns/metrics/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let text = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metric(&text, "dvcr_storage_errors_total", &[]) >= 1.0, "{text}");
+    std::fs::remove_file(storage.join("docker")).unwrap();
+    std::fs::rename(storage.join("docker.moved"), storage.join("docker")).unwrap();
+    assert_eq!(client.get(server.url("/readyz")).send().await.unwrap().status(), StatusCode::OK);
+}

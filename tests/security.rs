@@ -127,6 +127,8 @@ fn users_and_scoped_tokens_get_exactly_what_they_may() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("DENIED") && body.contains("node-puller may only pull"), "{body}");
     assert_eq!(curl(&["-u", ADMIN, &url("/v2/_catalog")]).0, 200);
+    let log = server.log();
+    assert!(log.contains("read-only user node-puller") && log.contains("user admin"), "the log says who:\n{log}");
 
     // containerd authenticates against the challenge with the nodes' user.
     let disk = pseudo_random(2 << 20, 9);

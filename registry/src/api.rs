@@ -187,7 +187,11 @@ async fn dispatch(registry: &Registry, request: Request) -> RegistryResult<Respo
     };
     let method = request.method().clone();
     let identity = match &registry.auth {
-        Some(auth) => auth.authorize(request.headers(), &needs(&route, &method)).await?,
+        Some(auth) => {
+            let identity = auth.authorize(request.headers(), &needs(&route, &method)).await?;
+            tracing::Span::current().record("who", identity.describe());
+            identity
+        }
         None => Identity::Anyone,
     };
     let store = &registry.store;

@@ -168,6 +168,7 @@ impl From<NameError> for RegistryError {
 
 impl From<StorageError> for RegistryError {
     fn from(error: StorageError) -> Self {
+        crate::observe::STORAGE_ERRORS.inc();
         match &error {
             StorageError::OutOfSpace(_) => RegistryError::new(
                 StatusCode::INSUFFICIENT_STORAGE,

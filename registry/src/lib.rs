@@ -11,14 +11,15 @@ pub mod error;
 pub mod layout;
 pub mod manifest;
 pub mod names;
+pub mod observe;
 pub mod store;
 pub mod tls;
 
 use std::sync::Arc;
 
-use axum::Router;
+use axum::routing::get;
+use axum::{middleware, Router};
 use dvcr_storage::StorageDriver;
-use tower_http::trace::TraceLayer;
 
 pub use store::Store;
 
@@ -42,8 +43,13 @@ pub fn router_with_auth(driver: Arc<dyn StorageDriver>, auth: Option<auth::Authe
         store: Store::new(driver),
         auth,
     });
+    let metrics = Arc::new(observe::Metrics::default());
+    let metrics_route = Router::new().route("/metrics", get(observe::metrics_text)).with_state(metrics.clone());
     Router::new()
+        .route("/healthz", get(observe::healthz))
+        .route("/readyz", get(observe::readyz))
         .fallback(api::handle)
         .with_state(registry)
-        .layer(TraceLayer::new_for_http())
+        .merge(metrics_route)
+        .layer(middleware::from_fn_with_state(metrics, observe::observe))
 }

@@ -49,6 +49,15 @@ impl Store {
         }
     }
 
+    /// Whether the storage answers: the repositories folder can be looked
+    /// at (an empty storage, where it does not exist yet, answers too).
+    pub async fn probe(&self) -> Result<(), StorageError> {
+        match self.driver.stat(&layout::repositories()?).await {
+            Err(error) if !error.is_not_found() => Err(error),
+            _ => Ok(()),
+        }
+    }
+
     /// The driver underneath.
     pub fn driver(&self) -> &Arc<dyn StorageDriver> {
         &self.driver
