@@ -42,6 +42,8 @@ enum Command {
     Import(Box<transfer::ImportArgs>),
     /// Receive one image by `curl -T IMAGE http://ADDR/upload` and store it in the registry.
     UploadServer(Box<transfer::UploadServerArgs>),
+    /// Collect garbage once: repositories without an owner, idle uploads, blobs no manifest names.
+    Gc(GcArgs),
     /// Registry tokens: make a signing key pair, issue a scoped token.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -145,6 +147,69 @@ struct ServeArgs {
     auth: AuthArgs,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Collect garbage this often while serving (30m, 6h); off when not given.
+    #[arg(long, value_parser = transfer::parse_duration)]
+    gc_interval: Option<std::time::Duration>,
+    #[command(flatten)]
+    gc: GcRules,
+}
+
+/// What garbage collection removes.
+#[derive(clap::Args)]
+struct GcRules {
+    /// Nothing written or used this long before a collection starts is removed.
+    #[arg(long = "gc-grace", value_parser = transfer::parse_duration, default_value = "1h")]
+    grace: std::time::Duration,
+    /// Uploads idle this long are removed.
+    #[arg(long = "gc-upload-max-age", value_parser = transfer::parse_duration, default_value = "24h")]
+    upload_max_age: std::time::Duration,
+    /// A file naming the repositories that still have an owner, one per line; others are removed
+    /// (read again for every collection; without it no repository is removed).
+    #[arg(long = "gc-live-repositories")]
+    live_repositories: Option<PathBuf>,
+}
+
+impl GcRules {
+    fn options(&self) -> dvcr_registry::gc::GcOptions {
+        dvcr_registry::gc::GcOptions {
+            grace: self.grace,
+            upload_max_age: self.upload_max_age,
+            live_repositories: None,
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    /// Folder that holds the registry's data (filesystem storage).
+    #[arg(long, default_value = "./dvcr-data")]
+    storage_dir: PathBuf,
+    #[command(flatten)]
+    rules: GcRules,
+    /// Report what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// `dvcr gc`: one collection from this process. A registry serving the same
+/// storage is protected by the grace window only; `dvcr serve --gc-interval`
+/// also protects what its own requests are using at that moment.
+fn gc(args: GcArgs) -> anyhow::Result<()> {
+    let driver = FilesystemDriver::new(&args.storage_dir)
+        .with_context(|| format!("cannot use storage folder {}", args.storage_dir.display()))?;
+    let mut options = args.rules.options();
+    options.dry_run = args.dry_run;
+    if let Some(path) = &args.rules.live_repositories {
+        options.live_repositories = Some(dvcr_registry::gc::read_live_repositories(path).map_err(anyhow::Error::msg)?);
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let store = dvcr_registry::Store::new(Arc::new(driver));
+    let report = runtime
+        .block_on(store.collect_garbage(&options))
+        .context("garbage collection failed")?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 /// Who may use the registry. Without any of these the registry is open,
@@ -258,7 +323,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let embedded_default = auth.is_none() && tls.is_none();
-    let mut router = dvcr_registry::router_with_auth(Arc::new(driver), auth);
+    let registry = dvcr_registry::Registry::new(Arc::new(driver), auth);
+    if let Some(interval) = args.gc_interval {
+        tokio::spawn(dvcr_registry::gc::run_periodically(
+            registry.store.clone(),
+            interval,
+            args.gc.options(),
+            args.gc.live_repositories.clone(),
+        ));
+    }
+    let mut router = dvcr_registry::router_for(registry);
     if embedded_default {
         router = router.merge(transfer::upload_sessions(listener.local_addr()?, args.upload_session_lifetime)?);
     }
@@ -299,6 +373,7 @@ fn main() -> ExitCode {
         Some(Command::UploadServer(args)) => transfer::run_upload_server(*args),
         Some(Command::Serve(args)) => run_serve(args).map_err(failure),
         Some(Command::Token(command)) => token::run(command).map_err(failure),
+        Some(Command::Gc(args)) => gc(args).map_err(failure),
         None => run_serve(ServeArgs::parse_defaults()).map_err(failure),
     };
     match result {

@@ -132,14 +132,17 @@ pub struct UploadServerArgs {
 /// Parses 30s, 15m, 1h (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 15m or 1h"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "m" => value * 60,
-        "h" => value * 3600,
-        _ => return Err(format!("{text:?} is not a duration like 30s, 15m or 1h")),
+    let invalid = || format!("{text:?} is not a duration like 500ms, 30s, 15m, 1h or 7d");
+    let value: u64 = number.parse().map_err(|_| invalid())?;
+    let milliseconds = match unit {
+        "ms" => Some(value),
+        "" | "s" => value.checked_mul(1000),
+        "m" => value.checked_mul(60_000),
+        "h" => value.checked_mul(3_600_000),
+        "d" => value.checked_mul(86_400_000),
+        _ => None,
     };
-    Ok(Duration::from_secs(seconds))
+    milliseconds.map(Duration::from_millis).ok_or_else(invalid)
 }
 
 fn read_optional(path: &Option<PathBuf>, what: &str) -> anyhow::Result<Option<Vec<u8>>> {

@@ -41,6 +41,21 @@ pub fn blob_data(digest: &Digest) -> Result<StoragePath, StorageError> {
     path(format!("{ROOT}/blobs/{}/{}/{hex}/data", digest.algorithm().name(), &hex[..2]))
 }
 
+/// The folder of every blob's content.
+pub fn blobs() -> Result<StoragePath, StorageError> {
+    path(format!("{ROOT}/blobs"))
+}
+
+/// The folder of a repository's manifest revision links.
+pub fn revisions(name: &RepositoryName) -> Result<StoragePath, StorageError> {
+    path(format!("{ROOT}/repositories/{name}/_manifests/revisions"))
+}
+
+/// The folder of a repository's uploads in progress.
+pub fn uploads(name: &RepositoryName) -> Result<StoragePath, StorageError> {
+    path(format!("{ROOT}/repositories/{name}/_uploads"))
+}
+
 /// The link that makes a blob visible in a repository.
 pub fn layer_link(name: &RepositoryName, digest: &Digest) -> Result<StoragePath, StorageError> {
     path(format!("{ROOT}/repositories/{name}/_layers/{}/{}/link", digest.algorithm().name(), digest.hex()))

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod gc;
 pub mod layout;
 pub mod manifest;
 pub mod names;
@@ -26,23 +27,29 @@ pub use store::Store;
 /// What the HTTP handlers share.
 pub struct Registry {
     /// The registry model over the storage driver.
-    pub store: Store,
+    pub store: Arc<Store>,
     /// Who may do what; `None` lets anyone do anything (loopback only).
     pub auth: Option<auth::Authenticator>,
 }
 
-/// The registry's HTTP service over `driver`, open to anyone.
-pub fn router(driver: Arc<dyn StorageDriver>) -> Router {
-    router_with_auth(driver, None)
+impl Registry {
+    /// A registry over `driver`, checking requests with `auth` when given.
+    pub fn new(driver: Arc<dyn StorageDriver>, auth: Option<auth::Authenticator>) -> Arc<Self> {
+        Arc::new(Registry {
+            store: Arc::new(Store::new(driver)),
+            auth,
+        })
+    }
 }
 
-/// The registry's HTTP service over `driver`, checking requests with
-/// `auth` when given.
-pub fn router_with_auth(driver: Arc<dyn StorageDriver>, auth: Option<auth::Authenticator>) -> Router {
-    let registry = Arc::new(Registry {
-        store: Store::new(driver),
-        auth,
-    });
+/// The registry's HTTP service over `driver`, open to anyone.
+pub fn router(driver: Arc<dyn StorageDriver>) -> Router {
+    router_for(Registry::new(driver, None))
+}
+
+/// The HTTP service of `registry`: the OCI API, `/metrics`, `/healthz` and
+/// `/readyz`.
+pub fn router_for(registry: Arc<Registry>) -> Router {
     let metrics = Arc::new(observe::Metrics::default());
     let metrics_route = Router::new().route("/metrics", get(observe::metrics_text)).with_state(metrics.clone());
     Router::new()

@@ -34,6 +34,8 @@ type UploadSlot = Arc<tokio::sync::Mutex<Option<UploadHash>>>;
 pub struct Store {
     driver: Arc<dyn StorageDriver>,
     uploads: Mutex<HashMap<String, UploadSlot>>,
+    /// What the garbage collector shares with requests (see [`crate::gc`]).
+    pub(crate) collector: crate::gc::CollectorState,
 }
 
 /// Where a body to append to an upload must start, from `Content-Range`.
@@ -46,6 +48,7 @@ impl Store {
         Store {
             driver,
             uploads: Mutex::new(HashMap::new()),
+            collector: crate::gc::CollectorState::default(),
         }
     }
 
@@ -85,8 +88,16 @@ impl Store {
         }
     }
 
-    /// The size of a blob if it is visible in repository `name`.
+    /// The size of a blob if it is visible in repository `name`. A blob
+    /// found counts as referenced for the garbage collector: a client that
+    /// saw it may push a manifest naming it without uploading it again.
     pub async fn blob_size(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<Option<u64>> {
+        let _guard = self.collector.request_guard().await;
+        self.collector.note_reference(digest);
+        self.visible_blob_size(name, digest).await
+    }
+
+    async fn visible_blob_size(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<Option<u64>> {
         if self.read_link(&layout::layer_link(name, digest)?).await?.as_ref() != Some(digest) {
             return Ok(None);
         }
@@ -110,7 +121,9 @@ impl Store {
         from: &RepositoryName,
         digest: &Digest,
     ) -> RegistryResult<bool> {
-        if self.blob_size(from, digest).await?.is_none() {
+        let _guard = self.collector.request_guard().await;
+        self.collector.note_reference(digest);
+        if self.visible_blob_size(from, digest).await?.is_none() {
             return Ok(false);
         }
         self.link_blob(name, digest).await?;
@@ -134,6 +147,25 @@ impl Store {
         let key = format!("{name}/{id}");
         let mut uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         uploads.entry(key).or_default().clone()
+    }
+
+    /// Whether a request of this process is receiving data for an upload
+    /// in repository `name` (for upload `id` only, when given).
+    pub(crate) fn upload_busy(&self, name: &str, id: Option<&str>) -> bool {
+        let uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        uploads.iter().any(|(key, slot)| {
+            let matches = match key.rsplit_once('/') {
+                Some((repository, upload)) => repository == name && id.is_none_or(|id| id == upload),
+                None => false,
+            };
+            matches && slot.try_lock().is_err()
+        })
+    }
+
+    /// Drops what this process remembers of an upload the collector removed.
+    pub(crate) fn forget_upload_of(&self, name: &str, id: &str) {
+        let mut uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        uploads.remove(&format!("{name}/{id}"));
     }
 
     fn forget_upload(&self, name: &RepositoryName, id: &str) {
@@ -297,8 +329,12 @@ impl Store {
                 "the uploaded content has digest {actual}, not {digest}: nothing was stored; upload it again"
             )));
         }
-        self.driver.move_file(&data, &layout::blob_data(digest)?).await?;
-        self.link_blob(name, digest).await?;
+        {
+            let _guard = self.collector.request_guard().await;
+            self.collector.note_reference(digest);
+            self.driver.move_file(&data, &layout::blob_data(digest)?).await?;
+            self.link_blob(name, digest).await?;
+        }
         drop(hash);
         self.driver.delete(&layout::upload(name, id)?).await?;
         self.forget_upload(name, id);
@@ -358,8 +394,15 @@ impl Store {
         summary: &ManifestSummary,
         content: Bytes,
     ) -> RegistryResult<()> {
+        // Under the guard, the blobs checked here cannot be collected
+        // before the manifest naming them is written.
+        let _guard = self.collector.request_guard().await;
+        self.collector.note_reference(digest);
+        for blob in summary.blobs.iter().chain(&summary.manifests).chain(&summary.subject) {
+            self.collector.note_reference(blob);
+        }
         for blob in &summary.blobs {
-            if self.blob_size(name, blob).await?.is_none() {
+            if self.visible_blob_size(name, blob).await?.is_none() {
                 return Err(RegistryError::new(
                     http::StatusCode::BAD_REQUEST,
                     crate::error::ErrorCode::ManifestBlobUnknown,
@@ -428,6 +471,11 @@ impl Store {
         Ok(true)
     }
 
+    /// Whether anything is stored at `path`.
+    pub(crate) async fn exists(&self, path: &StoragePath) -> RegistryResult<bool> {
+        Ok(self.size_of(path).await?.is_some())
+    }
+
     /// Whether anything was ever pushed to `name`.
     pub async fn repository_exists(&self, name: &RepositoryName) -> RegistryResult<bool> {
         Ok(self.size_of(&layout::repository(name)?).await?.is_some())
@@ -453,6 +501,11 @@ impl Store {
 
     /// Every repository name, sorted.
     pub async fn catalog(&self) -> RegistryResult<Vec<String>> {
+        self.repositories(&["_manifests", "_layers"]).await
+    }
+
+    /// Names of repositories whose folder has any of `markers`, sorted.
+    pub(crate) async fn repositories(&self, markers: &[&str]) -> RegistryResult<Vec<String>> {
         let mut found = Vec::new();
         let mut pending = vec![String::new()];
         let root = layout::repositories()?;
@@ -463,7 +516,7 @@ impl Store {
                 Err(error) if error.is_not_found() => continue,
                 Err(error) => return Err(error.into()),
             };
-            if children.iter().any(|child| child == "_manifests" || child == "_layers") && !prefix.is_empty() {
+            if children.iter().any(|child| markers.contains(&child.as_str())) && !prefix.is_empty() {
                 found.push(prefix.clone());
             }
             for child in children.into_iter().filter(|child| !child.starts_with('_')) {

@@ -285,8 +285,22 @@ impl StorageDriver for FilesystemDriver {
     }
 }
 
+/// Walks `directory`. Entries below it that vanish while it is walked (a
+/// concurrent delete) are left out; only a missing `directory` itself is
+/// an error, so a walk never reports "nothing there" for a tree that
+/// exists.
 fn walk_directory(directory: &Path, base: &StoragePath, files: &mut Vec<FileInfo>) -> io::Result<()> {
-    for entry in fs::read_dir(directory)? {
+    walk_below(directory, base, files, true)
+}
+
+fn walk_below(directory: &Path, base: &StoragePath, files: &mut Vec<FileInfo>, is_root: bool) -> io::Result<()> {
+    let vanished = |error: &io::Error| !is_root && error.kind() == io::ErrorKind::NotFound;
+    let entries = match fs::read_dir(directory) {
+        Ok(entries) => entries,
+        Err(error) if vanished(&error) => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if is_temporary(&name) {
@@ -295,9 +309,13 @@ fn walk_directory(directory: &Path, base: &StoragePath, files: &mut Vec<FileInfo
         let child = base
             .join(&name)
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
-        let metadata = entry.metadata()?;
+        let metadata = match entry.metadata() {
+            Ok(metadata) => metadata,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error),
+        };
         if metadata.is_dir() {
-            walk_directory(&entry.path(), &child, files)?;
+            walk_below(&entry.path(), &child, files, false)?;
         } else {
             files.push(FileInfo {
                 path: child,
