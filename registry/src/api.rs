@@ -311,7 +311,7 @@ async fn get_blob(
     let body = if head_only {
         Body::empty()
     } else {
-        Body::from_stream(store.read_blob(&digest, start, length).await?)
+        Body::from_stream(TakingTurns::new(store.read_blob(&digest, start, length).await?))
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -335,6 +335,61 @@ async fn delete_blob(store: &Store, name: &RepositoryName, digest: &str) -> Regi
     let mut response = empty(StatusCode::ACCEPTED);
     set(&mut response, DOCKER_CONTENT_DIGEST, digest.to_string());
     Ok(response)
+}
+
+/// A blob stream that lets other tasks run after every [`TURN_BYTES`].
+///
+/// hyper writes as many chunks as a stream yields in one go (up to 16
+/// iterations of its loop), so with many blob downloads each worker spends
+/// a long turn on every download before a small request gets its next
+/// turn: 64 concurrent pulls put 100+ ms between the steps of a manifest
+/// GET. Yielding keeps a turn short.
+struct TakingTurns<S> {
+    inner: S,
+    pause: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    paused: bool,
+    since_pause: usize,
+}
+
+/// Bytes a blob download may send in one turn.
+const TURN_BYTES: usize = 512 << 10;
+
+impl<S> TakingTurns<S> {
+    fn new(inner: S) -> Self {
+        TakingTurns {
+            inner,
+            pause: None,
+            paused: false,
+            since_pause: 0,
+        }
+    }
+}
+
+impl<S, E> futures::Stream for TakingTurns<S>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    type Item = S::Item;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>) -> std::task::Poll<Option<S::Item>> {
+        if self.since_pause >= TURN_BYTES && !self.paused {
+            let pause = self.pause.get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
+            if pause.as_mut().poll(context).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            self.pause = None;
+            self.paused = true;
+            self.since_pause = 0;
+        }
+        let next = std::pin::Pin::new(&mut self.inner).poll_next(context);
+        if let std::task::Poll::Ready(item) = &next {
+            self.paused = false;
+            if let Some(Ok(chunk)) = item {
+                self.since_pause += chunk.len();
+            }
+        }
+        next
+    }
 }
 
 // ----- uploads -----

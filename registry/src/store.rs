@@ -607,6 +607,7 @@ where
 }
 
 async fn send_chunk(chunk: Bytes, writer: &mut dyn FileWriter, hashing: Option<&BackgroundHasher>) -> Result<(), StreamError> {
+    let chunk = budgeted(chunk).await;
     if let Some(hashing) = hashing {
         hashing.feed(chunk.clone()).await;
     }
@@ -615,6 +616,36 @@ async fn send_chunk(chunk: Bytes, writer: &mut dyn FileWriter, hashing: Option<&
 
 /// Size of the chunks body frames are gathered into.
 const COALESCED_CHUNK: usize = 1 << 20;
+
+/// Upload data all uploads together may hold in memory, queued for the
+/// hasher and writer threads (bytes). Per-upload queues alone would let
+/// memory grow with the number of concurrent uploads.
+const UPLOAD_BUFFER_BUDGET: usize = 64 << 20;
+
+static UPLOAD_BUFFERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(UPLOAD_BUFFER_BUDGET);
+
+/// A chunk holding its share of [`UPLOAD_BUFFER_BUDGET`] until its last
+/// clone (the hasher's or the writer's) is dropped.
+struct Budgeted {
+    data: Bytes,
+    _share: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Waits until the budget has room for `chunk`, and ties the room to it.
+async fn budgeted(chunk: Bytes) -> Bytes {
+    let share = u32::try_from(chunk.len().min(UPLOAD_BUFFER_BUDGET)).unwrap_or(u32::MAX);
+    match UPLOAD_BUFFERS.acquire_many(share).await {
+        Ok(permit) => Bytes::from_owner(Budgeted { data: chunk, _share: permit }),
+        // The semaphore is never closed; without it the chunk goes as is.
+        Err(_) => chunk,
+    }
+}
 
 /// Chunks a hasher thread may have queued.
 const HASH_QUEUE_CHUNKS: usize = 16;

@@ -18,9 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{ByteStream, FileInfo, FileWriter, Result, StorageDriver, StorageError, StoragePath};
 
 /// Size of the chunks a read streams.
-const READ_CHUNK: usize = 1 << 20;
+const READ_CHUNK: usize = 512 << 10;
 /// Chunks a reader may have in flight ahead of the consumer.
-const READ_AHEAD_CHUNKS: usize = 4;
+const READ_AHEAD_CHUNKS: usize = 2;
 /// Chunks a writer may have queued behind the disk.
 const WRITE_QUEUE_CHUNKS: usize = 32;
 /// How much a writer writes before it asks the kernel to start writeback.

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Load test: 64 clients pulling the same 1 GiB blob at once (containerd's
+# thundering herd on a fresh image), then 16 concurrent pushes of distinct
+# 256 MiB blobs, with manifest GETs timed throughout, against `dvcr serve`
+# (filesystem) and Debian's docker-registry (CNCF Distribution) in the same
+# run, on loopback. Prints each registry's figures and the ratios.
+#
+#   bench/load.sh [HERD_MIB] [PUSH_MIB]        (default 1024 256)
+#
+# Environment: BENCH_DIR (default /var/tmp/dvcr-load), PULLERS (64),
+# PUSHERS (16). Needs about HERD + 16 x PUSH MiB x 3 of disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+herd_mib=${1:-1024}
+push_mib=${2:-256}
+pullers=${PULLERS:-64}
+pushers=${PUSHERS:-16}
+work=${BENCH_DIR:-/var/tmp/dvcr-load}
+dvcr_port=5111
+distribution_port=5112
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! command -v docker-registry >/dev/null 2>&1; then
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-registry
+fi
+for tool in curl openssl python3; do
+    command -v "$tool" >/dev/null || { echo "bench needs $tool" >&2; exit 1; }
+done
+cargo build --release --locked --quiet
+
+rm -rf "$work"
+mkdir -p "$work/blobs"
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+make_blob() {
+    openssl rand -out "$1" $(($2 << 20))
+    echo "sha256:$(openssl dgst -sha256 -r "$1" | cut -d' ' -f1)" >"$1.digest"
+}
+echo "making a ${herd_mib} MiB blob and ${pushers} of ${push_mib} MiB in $work"
+make_blob "$work/blobs/herd.blob" "$herd_mib"
+for index in $(seq 0 $((pushers - 1))); do make_blob "$work/blobs/push-$index.blob" "$push_mib"; done
+
+target/release/dvcr serve --listen 127.0.0.1:$dvcr_port --storage-dir "$work/dvcr" 2>"$work/dvcr.log" &
+pids+=($!)
+dvcr_pid=$!
+cat >"$work/distribution.yml" <<YAML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $work/distribution
+http:
+  addr: 127.0.0.1:$distribution_port
+YAML
+docker-registry serve "$work/distribution.yml" >"$work/distribution.log" 2>&1 &
+pids+=($!)
+distribution_pid=$!
+for port in $dvcr_port $distribution_port; do
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+done
+
+results=()
+for name in dvcr distribution; do
+    port=$dvcr_port pid=$dvcr_pid
+    [ $name = distribution ] && port=$distribution_port pid=$distribution_pid
+    sync
+    echo "loading $name"
+    results+=("$(python3 bench/load.py "http://127.0.0.1:$port" "$work/blobs" --pullers "$pullers" --pushers "$pushers" --pid "$pid")")
+done
+
+python3 - "${results[@]}" <<'PY'
+import json, os, sys
+dvcr, distribution = (json.loads(text) for text in sys.argv[1:3])
+print(f"\nmachine: {os.cpu_count()} cores, {os.uname().release}")
+for name, report in (("dvcr", dvcr), ("distribution", distribution)):
+    for phase in ("pull", "push"):
+        r = report[phase]
+        m = r["manifest_get"]
+        print(f"  {name:12} {phase}: {r['clients']} clients, {r['aggregate_mb_s']} MB/s aggregate in {r['seconds']} s, "
+              f"errors {r['errors']}; manifest GET p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms ({m['samples']} samples, {m['errors']} errors)")
+    print(f"  {name:12} peak RSS {report.get('peak_rss_mib')} MiB")
+for phase in ("pull", "push"):
+    print(f"{phase} ratio dvcr/distribution: {dvcr[phase]['aggregate_mb_s'] / distribution[phase]['aggregate_mb_s']:.2f}x")
+PY
