@@ -294,3 +294,79 @@ async fn kill_during_manifest_and_tag_writes_never_leaves_a_broken_tag() {
     push_image(&client, &server, "vi/ns/after", "v1", &image::disk_image("d.img", b"after")).await;
     verify_store(&storage);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_garbage_collection_loses_no_tagged_image() {
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("data");
+    let client = Client::new();
+    let mut server = Server::start(&storage);
+    for index in 0..12u64 {
+        let image = image::image(
+            vec![image::tar(&[("f", 0o644, Some(&pseudo_random(30_000, 500 + index)))])],
+            false,
+            false,
+            serde_json::json!({ "index": index }),
+        );
+        push_image(&client, &server, "vi/ns/keep", &format!("v{index}"), &image).await;
+        push_image(&client, &server, "vi/ns/drop", &format!("v{index}"), &image).await;
+    }
+    // Garbage: blobs no manifest names, enough to keep a collection busy.
+    let garbage = futures::stream::iter(0..1500u64)
+        .map(|index| {
+            let (client, url) = (client.clone(), server.url(""));
+            async move {
+                let blob = pseudo_random(512, 10_000 + index);
+                let response = client
+                    .post(format!("{url}/v2/vi/ns/keep/blobs/uploads/?digest={}", sha256_digest(&blob)))
+                    .body(blob)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 201);
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>();
+    garbage.await;
+    server.kill9();
+    let (blobs_before, tags_before) = verify_store(&storage);
+    assert_eq!(tags_before, 24);
+    let live = directory.path().join("live");
+    std::fs::write(&live, "vi/ns/keep\n").unwrap();
+    let live = live.display().to_string();
+    let collecting = ["--gc-interval", "30ms", "--gc-grace", "0s", "--gc-live-repositories", &live];
+
+    // Kill the collector at different moments; after each restart every
+    // tagged image in the live repository is whole.
+    let mut interrupted = 0;
+    let mut last = blobs_before;
+    for round in 0..8u64 {
+        let mut server = Server::start_with(&storage, common::free_port(), &collecting);
+        tokio::time::sleep(Duration::from_millis(35 + round * 13)).await;
+        let finished = server.log().matches("garbage collection finished").count();
+        server.kill9();
+        let (blobs, tags) = verify_store(&storage);
+        assert!((12..=24).contains(&tags), "tags: {tags}");
+        if blobs < last && finished == 0 {
+            interrupted += 1;
+        }
+        last = blobs;
+        let server = Server::start(&storage);
+        for index in 0..12 {
+            let response = client.get(server.url(&format!("/v2/vi/ns/keep/manifests/v{index}"))).send().await.unwrap();
+            assert_eq!(response.status(), 200, "vi/ns/keep:v{index} after kill {round}");
+        }
+        drop(server);
+    }
+
+    // A collection that runs to the end leaves the live images and nothing else.
+    let server = Server::start_with(&storage, common::free_port(), &collecting);
+    wait_until(Duration::from_secs(30), || server.log().contains("garbage collection finished")).await;
+    drop(server);
+    let (blobs, tags) = verify_store(&storage);
+    assert_eq!(tags, 12, "the repository without an owner is gone, the live one whole");
+    // Per live image: config, one layer, the manifest.
+    assert_eq!(blobs, 36, "only the live images' blobs are left (started with {blobs_before})");
+    assert!(interrupted >= 1, "no kill landed inside a collection that was deleting");
+}

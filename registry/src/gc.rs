@@ -235,6 +235,11 @@ impl Store {
                 }
                 report.bytes_freed += files.iter().map(|file| file.size).sum::<u64>();
                 if !options.dry_run {
+                    // Tags first, then manifests, then the rest: a crash
+                    // halfway leaves a repository with fewer images, never
+                    // a tag whose manifest or layers are half gone.
+                    driver.delete(&layout::tags(&name)?).await?;
+                    driver.delete(&layout::revisions(&name)?).await?;
                     driver.delete(&folder).await?;
                 }
                 tracing::info!(repository = %name, dry_run = options.dry_run, "repository without an owner removed");
