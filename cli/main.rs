@@ -33,7 +33,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the OCI registry (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Detect and check a disk image and report its format and sizes.
     Info(InfoArgs),
     /// Convert a disk image: qcow2, vmdk, vhd, vdi, raw or iso (also gz/xz/zst/bz2-wrapped, or `-` for standard input) to raw, or raw to qcow2.
@@ -231,6 +231,13 @@ struct AuthArgs {
     /// The `aud` tokens must carry.
     #[arg(long, default_value = dvcr_registry::auth::token::DEFAULT_AUDIENCE)]
     token_audience: String,
+    /// PEM PKCS#8 EC P-256 private key: the registry then issues tokens to its users at /dvcr/token
+    /// (the Docker token protocol) and challenges clients with Bearer.
+    #[arg(long, requires = "htpasswd")]
+    token_private_key: Option<PathBuf>,
+    /// How long tokens from /dvcr/token are valid.
+    #[arg(long, value_parser = transfer::parse_duration, default_value = "5m")]
+    token_lifetime: std::time::Duration,
 }
 
 /// TLS for the registry's listener.
@@ -248,8 +255,8 @@ struct TlsArgs {
 }
 
 impl AuthArgs {
-    fn authenticator(&self) -> anyhow::Result<Option<dvcr_registry::auth::Authenticator>> {
-        use dvcr_registry::auth::{Authenticator, Htpasswd, TokenVerifier};
+    fn authenticator(&self, https: bool) -> anyhow::Result<Option<dvcr_registry::auth::Authenticator>> {
+        use dvcr_registry::auth::{token, Authenticator, Htpasswd, TokenIssuer, TokenService, TokenVerifier};
         if self.htpasswd.is_none() && self.token_public_key.is_none() {
             if !self.read_only_users.is_empty() {
                 anyhow::bail!("--read-only-user needs --htpasswd");
@@ -268,7 +275,18 @@ impl AuthArgs {
             None => None,
         };
         let read_only = self.read_only_users.iter().cloned().collect();
-        Ok(Some(Authenticator::new(htpasswd, read_only, tokens).map_err(anyhow::Error::msg)?))
+        let mut authenticator = Authenticator::new(htpasswd, read_only, tokens).map_err(anyhow::Error::msg)?;
+        if let Some(path) = &self.token_private_key {
+            let key = std::fs::read(path).with_context(|| format!("cannot read the token private key {}", path.display()))?;
+            let cannot_use = || format!("cannot use the token private key {}", path.display());
+            let issuer = TokenIssuer::new(&key, &self.token_issuer, &self.token_audience).with_context(cannot_use)?;
+            let public = token::public_key_of(&key).with_context(cannot_use)?;
+            let verifier = TokenVerifier::new(public.as_bytes(), &self.token_issuer, &self.token_audience)?;
+            authenticator = authenticator
+                .with_token_service(TokenService::new(issuer, self.token_lifetime, https), verifier)
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok(Some(authenticator))
     }
 }
 
@@ -306,7 +324,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let auth = args.auth.authenticator()?;
+    let auth = args.auth.authenticator(args.tls.tls_cert.is_some())?;
     if auth.is_none() && !args.listen.ip().is_loopback() {
         anyhow::bail!(
             "listening on {} needs authentication: give --htpasswd and/or --token-public-key (the registry is open only on a loopback address)",
@@ -371,7 +389,7 @@ fn main() -> ExitCode {
         Some(Command::Convert(args)) => convert(args).map_err(failure),
         Some(Command::Import(args)) => transfer::run_import(*args),
         Some(Command::UploadServer(args)) => transfer::run_upload_server(*args),
-        Some(Command::Serve(args)) => run_serve(args).map_err(failure),
+        Some(Command::Serve(args)) => run_serve(*args).map_err(failure),
         Some(Command::Token(command)) => token::run(command).map_err(failure),
         Some(Command::Gc(args)) => gc(args).map_err(failure),
         None => run_serve(ServeArgs::parse_defaults()).map_err(failure),

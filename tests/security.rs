@@ -338,3 +338,74 @@ fn tls_serves_skopeo_containerd_curl_and_the_importer_and_checks_client_certific
     ]);
     assert_eq!(with_certificate.0, 200, "{}", with_certificate.1);
 }
+
+#[test]
+fn the_registry_issues_tokens_to_docker_style_clients() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path();
+    let (private_key, _) = keygen(dir, "service");
+    let htpasswd = htpasswd(dir);
+    let server = Server::start_with(
+        &dir.join("data"),
+        free_port(),
+        &[
+            "--htpasswd",
+            &htpasswd.display().to_string(),
+            "--read-only-user",
+            "node-puller",
+            "--token-private-key",
+            &private_key.display().to_string(),
+        ],
+    );
+    let url = |path: &str| server.url(path);
+
+    let output = Command::new(require_tool("curl")).args(["-si", &url("/v2/")]).output().unwrap();
+    let answer = String::from_utf8_lossy(&output.stdout).to_ascii_lowercase();
+    let realm = format!("www-authenticate: bearer realm=\"http://{}/dvcr/token\",service=\"dvcr\"", server.address);
+    assert!(answer.contains(&realm), "{answer}");
+    let (status, body) = curl(&[&url("/dvcr/token?service=dvcr&scope=repository:vi/ns/t:pull,push")]);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(curl(&["-u", "admin:wrong", &url("/dvcr/token?scope=repository:vi/ns/t:pull")]).0, 401);
+    let (status, body) = curl(&["-u", PULLER, &url("/dvcr/token?service=dvcr&scope=repository:vi/ns/t:pull,push")]);
+    assert_eq!(status, 200, "{body}");
+    let puller_token = serde_json::from_str::<Value>(&body).unwrap()["token"].as_str().unwrap().to_string();
+    let bearer = format!("Authorization: Bearer {puller_token}");
+    assert_eq!(curl(&["-H", &bearer, "-X", "POST", &url("/v2/vi/ns/t/blobs/uploads/")]).0, 403, "a read-only user's token grants pull only");
+    assert_eq!(curl(&["-u", ADMIN, &url("/v2/")]).0, 200, "Basic credentials still work directly");
+
+    // skopeo and containerd follow the Bearer challenge to the token endpoint.
+    let image = image::multi_layer_image(8);
+    let layout = dir.join("layout");
+    write_oci_layout(&layout, "v1", &image);
+    let destination = format!("docker://{}/vi/ns/t:v1", server.address);
+    succeeded(
+        &skopeo(&["copy", "--dest-tls-verify=false", "--dest-creds", ADMIN, &format!("oci:{}:v1", layout.display()), &destination]),
+        "skopeo push with a token",
+    );
+    let refused = skopeo(&["copy", "--dest-tls-verify=false", "--dest-creds", PULLER, &format!("oci:{}:v1", layout.display()), &format!("docker://{}/vi/ns/u:v1", server.address)]);
+    assert!(!refused.status.success(), "the read-only user pushed through a token");
+
+    // The importer with a pull secret: the same token flow.
+    let disk = pseudo_random(1 << 20, 11);
+    let disk_path = dir.join("token-disk.img");
+    std::fs::write(&disk_path, &disk).unwrap();
+    let auth_file = dir.join("config.json");
+    let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ADMIN);
+    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#, server.address)).unwrap();
+    let output = Command::new(DVCR)
+        .args(["import", &disk_path.display().to_string(), &format!("{}/vi/ns/token-disk:v1", server.address)])
+        .args(["--auth-file", &auth_file.display().to_string()])
+        .output()
+        .unwrap();
+    succeeded(&output, "import through the token endpoint");
+    let containerd = Containerd::start(&dir.join("containerd"));
+    pull_with_and_compare(
+        &containerd,
+        &["--plain-http", "--user", PULLER],
+        &format!("{}/vi/ns/token-disk:v1", server.address),
+        &dir.join("mnt"),
+        &[("disk/token-disk.img", &disk)],
+    );
+    let log = server.log();
+    assert!(log.contains("token issued") && log.contains("token for admin") && log.contains("token for node-puller"), "{log}");
+}

@@ -55,6 +55,7 @@ pub fn router_for(registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/healthz", get(observe::healthz))
         .route("/readyz", get(observe::readyz))
+        .route(auth::token_service::TOKEN_PATH, get(auth::token_service::issue))
         .fallback(api::handle)
         .with_state(registry)
         .merge(metrics_route)

@@ -12,6 +12,7 @@
 
 pub mod htpasswd;
 pub mod token;
+pub mod token_service;
 
 use std::collections::HashSet;
 
@@ -23,6 +24,7 @@ use crate::error::{ErrorCode, RegistryError};
 
 pub use htpasswd::{Htpasswd, HtpasswdError};
 pub use token::{AccessEntry, TokenError, TokenIssuer, TokenVerifier};
+pub use token_service::TokenService;
 
 /// An action on a repository, as token `access` claims name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +130,8 @@ impl Identity {
 pub struct Authenticator {
     htpasswd: Option<Htpasswd>,
     read_only_users: HashSet<String>,
-    tokens: Option<TokenVerifier>,
+    tokens: Vec<TokenVerifier>,
+    pub(crate) token_service: Option<TokenService>,
     realm: String,
 }
 
@@ -150,49 +153,80 @@ impl Authenticator {
         Ok(Authenticator {
             htpasswd,
             read_only_users,
-            tokens,
+            tokens: tokens.into_iter().collect(),
+            token_service: None,
             realm: "dvcr".into(),
         })
+    }
+
+    /// Issues tokens to users at [`token_service::TOKEN_PATH`] and sends
+    /// clients there with a Bearer challenge. The tokens are checked with
+    /// `verifier` (the public half of the service's key).
+    pub fn with_token_service(mut self, service: TokenService, verifier: TokenVerifier) -> Result<Self, String> {
+        if self.htpasswd.is_none() {
+            return Err("issuing tokens needs users to issue them to (an htpasswd file)".into());
+        }
+        self.tokens.push(verifier);
+        self.token_service = Some(service);
+        Ok(self)
     }
 
     /// The `WWW-Authenticate` challenge: Basic when users can log in, so
     /// docker-style clients and containerd send their credentials unasked;
     /// Bearer when only tokens are accepted.
-    pub fn challenge(&self) -> String {
-        if self.htpasswd.is_some() {
+    pub fn challenge(&self, headers: &HeaderMap) -> String {
+        if let Some(service) = &self.token_service {
+            format!("Bearer realm=\"{}\",service=\"{}\"", service.realm(headers), self.realm)
+        } else if self.htpasswd.is_some() || self.tokens.is_empty() {
             format!("Basic realm=\"{}\", charset=\"UTF-8\"", self.realm)
         } else {
             format!("Bearer realm=\"{}\",service=\"{}\"", self.realm, self.realm)
         }
     }
 
-    fn unauthorized(&self, message: impl Into<String>) -> RegistryError {
-        RegistryError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
-            .with_header("WWW-Authenticate", self.challenge())
+    fn unauthorized_with(&self, challenge: String, message: impl Into<String>) -> RegistryError {
+        RegistryError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message).with_header("WWW-Authenticate", challenge)
+    }
+
+    /// The user behind Basic credentials (the token endpoint takes nothing
+    /// else), challenging for Basic.
+    pub async fn identify_user(&self, headers: &HeaderMap) -> Result<Identity, RegistryError> {
+        let basic = format!("Basic realm=\"{}\", charset=\"UTF-8\"", self.realm);
+        let is_basic = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.len() > 6 && value[..6].eq_ignore_ascii_case("basic "));
+        if !is_basic {
+            return Err(self.unauthorized_with(basic, "log in with a user name and password to get a token"));
+        }
+        self.identify(headers)
+            .await
+            .map_err(|error| self.unauthorized_with(basic, error.message))
     }
 
     /// The identity behind the request's `Authorization` header.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Identity, RegistryError> {
+        let unauthorized = |message: &str| self.unauthorized_with(self.challenge(headers), message.to_string());
         let Some(value) = headers.get(header::AUTHORIZATION) else {
-            return Err(self.unauthorized("authentication required: log in to the registry (docker/skopeo/crane login, a pull secret, or a token)"));
+            return Err(unauthorized("authentication required: log in to the registry (docker/skopeo/crane login, a pull secret, or a token)"));
         };
-        let value = value.to_str().map_err(|_| self.unauthorized("the Authorization header is not text"))?;
+        let value = value.to_str().map_err(|_| unauthorized("the Authorization header is not text"))?;
         let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
         let credentials = credentials.trim();
         if scheme.eq_ignore_ascii_case("basic") {
             let Some(file) = &self.htpasswd else {
-                return Err(self.unauthorized("this registry takes no Basic credentials; present a Bearer token"));
+                return Err(unauthorized("this registry takes no Basic credentials; present a Bearer token"));
             };
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(credentials)
                 .ok()
                 .and_then(|bytes| String::from_utf8(bytes).ok())
-                .ok_or_else(|| self.unauthorized("Basic credentials are not base64 of user:password"))?;
+                .ok_or_else(|| unauthorized("Basic credentials are not base64 of user:password"))?;
             let (user, password) = decoded
                 .split_once(':')
-                .ok_or_else(|| self.unauthorized("Basic credentials are not base64 of user:password"))?;
+                .ok_or_else(|| unauthorized("Basic credentials are not base64 of user:password"))?;
             if !file.verify(user, password).await {
-                return Err(self.unauthorized(format!("wrong user name or password for {user:?}")));
+                return Err(unauthorized(&format!("wrong user name or password for {user:?}")));
             }
             return Ok(Identity::User {
                 name: user.to_string(),
@@ -200,18 +234,23 @@ impl Authenticator {
             });
         }
         if scheme.eq_ignore_ascii_case("bearer") {
-            let Some(verifier) = &self.tokens else {
-                return Err(self.unauthorized("this registry takes no tokens; log in with a user name and password"));
-            };
-            let claims = verifier
-                .verify(credentials)
-                .map_err(|error| self.unauthorized(format!("token refused: {error}")))?;
+            if self.tokens.is_empty() {
+                return Err(unauthorized("this registry takes no tokens; log in with a user name and password"));
+            }
+            let mut outcome = Err(TokenError::Invalid("no key".into()));
+            for verifier in &self.tokens {
+                outcome = verifier.verify(credentials);
+                if outcome.is_ok() {
+                    break;
+                }
+            }
+            let claims = outcome.map_err(|error| unauthorized(&format!("token refused: {error}")))?;
             return Ok(Identity::Token {
                 subject: claims.sub.unwrap_or_else(|| "(no subject)".into()),
                 access: claims.access,
             });
         }
-        Err(self.unauthorized(format!("unsupported authorization scheme {scheme:?}: use Basic or Bearer")))
+        Err(unauthorized(&format!("unsupported authorization scheme {scheme:?}: use Basic or Bearer")))
     }
 
     /// The identity behind the request, if it may do everything in `needs`.

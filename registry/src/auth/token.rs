@@ -214,17 +214,38 @@ const P256_SPKI_PREFIX: [u8; 26] = [
     0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
+fn public_pem_of(pkcs8: &[u8]) -> Result<String, TokenError> {
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    let random = ring::rand::SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &random)
+        .map_err(|_| TokenError::Key("not a PKCS#8 EC P-256 private key".into()))?;
+    let mut spki = P256_SPKI_PREFIX.to_vec();
+    spki.extend_from_slice(pair.public_key().as_ref());
+    Ok(pem("PUBLIC KEY", &spki))
+}
+
 /// A new P-256 key pair as PEM: (PKCS#8 private key, SPKI public key).
 pub fn generate_key_pair() -> Result<(String, String), TokenError> {
-    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
     let random = ring::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &random)
         .map_err(|_| TokenError::Key("key generation failed".into()))?;
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &random)
-        .map_err(|_| TokenError::Key("the generated key does not load".into()))?;
-    let mut spki = P256_SPKI_PREFIX.to_vec();
-    spki.extend_from_slice(pair.public_key().as_ref());
-    Ok((pem("PRIVATE KEY", pkcs8.as_ref()), pem("PUBLIC KEY", &spki)))
+    Ok((pem("PRIVATE KEY", pkcs8.as_ref()), public_pem_of(pkcs8.as_ref())?))
+}
+
+/// The PEM public key of a PEM PKCS#8 P-256 private key.
+pub fn public_key_of(private_key: &[u8]) -> Result<String, TokenError> {
+    let text = std::str::from_utf8(private_key).map_err(|_| TokenError::Key("the private key is not PEM text".into()))?;
+    let body: String = text
+        .lines()
+        .skip_while(|line| !line.starts_with("-----BEGIN PRIVATE KEY-----"))
+        .skip(1)
+        .take_while(|line| !line.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .map_err(|_| TokenError::Key("no PEM PKCS#8 private key (-----BEGIN PRIVATE KEY-----)".into()))?;
+    public_pem_of(&der)
 }
 
 #[cfg(test)]
@@ -297,6 +318,14 @@ mod tests {
         for bad in ["", "repository", "repository:vi/a", "repository:vi/a:", "repository:vi/a:fly", ":x:pull"] {
             assert!(AccessEntry::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_public_key_is_derived_from_the_private_one() {
+        let (private, public) = generate_key_pair().unwrap();
+        assert_eq!(public_key_of(private.as_bytes()).unwrap(), public);
+        assert!(public_key_of(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").is_err());
+        assert!(public_key_of(b"nothing").is_err());
     }
 
     #[test]
