@@ -147,6 +147,9 @@ struct ServeArgs {
     auth: AuthArgs,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Also serve /metrics, /healthz and /readyz on this address, plain HTTP without authentication.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Collect garbage this often while serving (30m, 6h); off when not given.
     #[arg(long, value_parser = transfer::parse_duration)]
     gc_interval: Option<std::time::Duration>,
@@ -349,6 +352,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.gc.options(),
             args.gc.live_repositories.clone(),
         ));
+    }
+    if let Some(address) = args.metrics_listen {
+        let probes = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} for metrics"))?;
+        let router = dvcr_registry::probes_router(registry.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(probes, router).await {
+                tracing::error!(%error, "the metrics listener failed");
+            }
+        });
+        tracing::info!(listen = %address, "metrics and probes serving");
     }
     let mut router = dvcr_registry::router_for(registry);
     if embedded_default {

@@ -320,7 +320,8 @@ fn tls_serves_skopeo_containerd_curl_and_the_importer_and_checks_client_certific
 
     // With a client CA, a client without a certificate signed by it gets no
     // connection at all.
-    let arguments = tls(&["--tls-client-ca", &ca]);
+    let probes = format!("127.0.0.1:{}", free_port());
+    let arguments = tls(&["--tls-client-ca", &ca, "--metrics-listen", &probes]);
     let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
     let server = Server::start_with(&dir.join("data"), free_port(), &arguments);
     let https = format!("https://{}/v2/", server.address);
@@ -337,6 +338,18 @@ fn tls_serves_skopeo_containerd_curl_and_the_importer_and_checks_client_certific
         &https,
     ]);
     assert_eq!(with_certificate.0, 200, "{}", with_certificate.1);
+
+    // Probes and metrics on their own plain listener, for the kubelet and
+    // Prometheus, which have no client certificate.
+    assert_eq!(curl(&[&format!("http://{probes}/readyz")]).0, 200);
+    assert_eq!(curl(&[&format!("http://{probes}/healthz")]).0, 200);
+    let (status, metrics) = curl(&[&format!("http://{probes}/metrics")]);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"dvcr_http_requests_total{method="GET",route="base",status="200"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(curl(&[&format!("http://{probes}/v2/")]).0, 404, "the probe listener serves no registry API");
 }
 
 #[test]

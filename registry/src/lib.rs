@@ -30,6 +30,8 @@ pub struct Registry {
     pub store: Arc<Store>,
     /// Who may do what; `None` lets anyone do anything (loopback only).
     pub auth: Option<auth::Authenticator>,
+    /// What the requests and the collector counted.
+    pub metrics: Arc<observe::Metrics>,
 }
 
 impl Registry {
@@ -38,6 +40,7 @@ impl Registry {
         Arc::new(Registry {
             store: Arc::new(Store::new(driver)),
             auth,
+            metrics: Arc::new(observe::Metrics::default()),
         })
     }
 }
@@ -50,14 +53,22 @@ pub fn router(driver: Arc<dyn StorageDriver>) -> Router {
 /// The HTTP service of `registry`: the OCI API, `/metrics`, `/healthz` and
 /// `/readyz`.
 pub fn router_for(registry: Arc<Registry>) -> Router {
-    let metrics = Arc::new(observe::Metrics::default());
-    let metrics_route = Router::new().route("/metrics", get(observe::metrics_text)).with_state(metrics.clone());
+    let metrics = registry.metrics.clone();
     Router::new()
-        .route("/healthz", get(observe::healthz))
-        .route("/readyz", get(observe::readyz))
         .route(auth::token_service::TOKEN_PATH, get(auth::token_service::issue))
         .fallback(api::handle)
-        .with_state(registry)
-        .merge(metrics_route)
+        .with_state(registry.clone())
+        .merge(probes_router(registry))
         .layer(middleware::from_fn_with_state(metrics, observe::observe))
+}
+
+/// `/metrics`, `/healthz` and `/readyz` of `registry` alone, for a listener
+/// of their own (plain HTTP for Prometheus and the kubelet, when the
+/// registry's listener asks for client certificates).
+pub fn probes_router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/metrics", get(observe::metrics_text))
+        .route("/healthz", get(observe::healthz))
+        .route("/readyz", get(observe::readyz))
+        .with_state(registry)
 }

@@ -190,8 +190,8 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, request: Request, next
 }
 
 /// `GET /metrics`.
-pub async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> Response {
-    let mut response = metrics.render().into_response();
+pub async fn metrics_text(State(registry): State<Arc<Registry>>) -> Response {
+    let mut response = registry.metrics.render().into_response();
     response.headers_mut().insert(
         "content-type",
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
