@@ -661,7 +661,9 @@ impl BackgroundHasher {
     fn start(mut state: UploadHash) -> Self {
         let (chunks, mut receiver) = mpsc::channel::<Bytes>(HASH_QUEUE_CHUNKS);
         let (report, done) = oneshot::channel();
-        tokio::task::spawn_blocking(move || {
+        // Without a thread the hash is missing at the end and the upload is
+        // hashed again from storage.
+        let _ = dvcr_storage::bulk::spawn_bulk("dvcr-hash", move || {
             while let Some(chunk) = receiver.blocking_recv() {
                 state.hasher.update(&chunk);
                 state.hashed_bytes += chunk.len() as u64;

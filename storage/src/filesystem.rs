@@ -156,7 +156,7 @@ impl StorageDriver for FilesystemDriver {
         };
         let (sender, receiver) = mpsc::channel::<Result<Bytes>>(READ_AHEAD_CHUNKS);
         let name = path.to_string();
-        tokio::task::spawn_blocking(move || {
+        crate::bulk::spawn_bulk("dvcr-read", move || {
             if let Err(error) = file.seek(SeekFrom::Start(offset)) {
                 let _ = sender.blocking_send(Err(StorageError::from_io(&name, error)));
                 return;
@@ -185,7 +185,8 @@ impl StorageDriver for FilesystemDriver {
                     return;
                 }
             }
-        });
+        })
+        .map_err(|error| StorageError::from_io(path.as_str(), error))?;
         let stream = futures::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|chunk| (chunk, receiver))
         });
@@ -208,7 +209,8 @@ impl StorageDriver for FilesystemDriver {
             Ok((file, size))
         })
         .await?;
-        Ok(Box::new(FilesystemWriter::start(path.to_string(), file.0, file.1)))
+        let writer = FilesystemWriter::start(path.to_string(), file.0, file.1).map_err(|error| StorageError::from_io(path.as_str(), error))?;
+        Ok(Box::new(writer))
     }
 
     async fn stat(&self, path: &StoragePath) -> Result<FileInfo> {
@@ -342,18 +344,18 @@ struct FilesystemWriter {
 }
 
 impl FilesystemWriter {
-    fn start(path: String, file: File, size: u64) -> Self {
+    fn start(path: String, file: File, size: u64) -> io::Result<Self> {
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE_CHUNKS);
         let (report, outcome) = oneshot::channel();
-        tokio::task::spawn_blocking(move || {
+        crate::bulk::spawn_bulk("dvcr-write", move || {
             let _ = report.send(run_writer(file, size, receiver));
-        });
-        FilesystemWriter {
+        })?;
+        Ok(FilesystemWriter {
             path,
             commands,
             outcome,
             size,
-        }
+        })
     }
 
     async fn finish(self, durable: bool) -> Result<u64> {
