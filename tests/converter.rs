@@ -260,12 +260,45 @@ fn hostile_vmdk_vhd_vdi_and_vhdx_images_are_refused_with_their_reason() {
 
     // A VHDX with a log to replay, and one cut short.
     let vhdx = make_other_format(&raw, directory.path(), "dynamic.vhdx", "vhdx", &[]);
+    let reseal = |content: &mut Vec<u8>, at: usize, length: usize| {
+        content[at + 4..at + 8].fill(0);
+        let sum = dvcr_converter::vhdx::crc32c(&content[at..at + length]);
+        content[at + 4..at + 8].copy_from_slice(&sum.to_le_bytes());
+    };
     let mut content = std::fs::read(&vhdx).unwrap();
     for header in [64 << 10, 128 << 10] {
         content[header + 48..header + 64].fill(0x42);
+        reseal(&mut content, header, 4 << 10);
     }
     std::fs::write(at("log.vhdx"), &content).unwrap();
     refused_conversion(&at("log.vhdx"), "has a log that was not replayed");
+    // Checksums: one damaged header or region table is survived through
+    // its twin; both damaged is refused.
+    let expected = std::fs::read(&raw).unwrap();
+    let original = std::fs::read(&vhdx).unwrap();
+    let sequence = |at: usize| u64::from_le_bytes(original[at + 8..at + 16].try_into().unwrap());
+    let current_header = if sequence(64 << 10) > sequence(128 << 10) { 64usize << 10 } else { 128 << 10 };
+    for (name, damaged) in [("one-header.vhdx", vec![current_header]), ("one-region-table.vhdx", vec![192 << 10])] {
+        let mut content = original.clone();
+        for offset in damaged {
+            content[offset + 200] ^= 0x55;
+        }
+        std::fs::write(at(name), &content).unwrap();
+        let output = at(&format!("{name}.raw"));
+        run(Command::new(DVCR).arg("convert").arg(at(name)).arg(&output));
+        assert_eq!(std::fs::read(&output).unwrap(), expected, "{name} converts through the intact copy");
+    }
+    for (name, damaged, reason) in [
+        ("both-headers.vhdx", [64usize << 10, 128 << 10], "neither header is intact"),
+        ("both-region-tables.vhdx", [192 << 10, 256 << 10], "neither region table"),
+    ] {
+        let mut content = original.clone();
+        for offset in damaged {
+            content[offset + 200] ^= 0x55;
+        }
+        std::fs::write(at(name), &content).unwrap();
+        refused_conversion(&at(name), reason);
+    }
     let content = std::fs::read(&vhdx).unwrap();
     std::fs::write(at("cut.vhdx"), &content[..content.len() / 3]).unwrap();
     refused_conversion(&at("cut.vhdx"), "lies beyond the end of the file");

@@ -4,9 +4,14 @@
 //! there is a parent) and the block allocation table, whose payload entries
 //! are interleaved with sector-bitmap entries every `chunk_ratio` blocks.
 //!
+//! Headers and region tables carry a CRC-32C: a header whose checksum is
+//! wrong is ignored (the other one is used), a region table whose checksum
+//! is wrong is replaced by its copy at 256 KiB, as the format intends.
+//!
 //! Refused, each by name: differencing disks (a parent), an unreplayed log
 //! (the file is not consistent until it is replayed), partially present
-//! blocks (differencing only), block sizes outside 1 to 256 MiB.
+//! blocks (differencing only), block sizes outside 1 to 256 MiB, neither
+//! header or neither region table intact.
 
 use crate::detect::ImageFormat;
 use crate::endian::{le32, le64};
@@ -16,7 +21,9 @@ use crate::ConverterError;
 
 const FORMAT: ImageFormat = ImageFormat::Vhdx;
 const HEADERS: [u64; 2] = [64 << 10, 128 << 10];
-const REGION_TABLE: u64 = 192 << 10;
+const HEADER_BYTES: usize = 4 << 10;
+const REGION_TABLES: [u64; 2] = [192 << 10, 256 << 10];
+const REGION_TABLE_BYTES: usize = 64 << 10;
 const MAX_REGIONS: usize = 2047;
 const MAX_METADATA_ITEMS: usize = 2047;
 /// GUIDs as stored on disk (first three fields little-endian).
@@ -112,12 +119,47 @@ pub(crate) fn virtual_size(source: &dyn ReadAt) -> Result<u64, ConverterError> {
     Ok(Metadata::read(source, metadata_region)?.virtual_size)
 }
 
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum
+/// of VHDX headers, region tables and log entries.
+pub fn crc32c(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut index = 0;
+        while index < 256 {
+            let mut value = index as u32;
+            let mut bit = 0;
+            while bit < 8 {
+                value = if value & 1 != 0 { (value >> 1) ^ 0x82F6_3B78 } else { value >> 1 };
+                bit += 1;
+            }
+            table[index] = value;
+            index += 1;
+        }
+        table
+    };
+    !data
+        .iter()
+        .fold(!0u32, |crc, byte| TABLE[((crc ^ u32::from(*byte)) & 0xff) as usize] ^ (crc >> 8))
+}
+
+/// Whether a structure's checksum (bytes 4..8, computed with those bytes
+/// zeroed) is right.
+fn checksum_matches(structure: &[u8]) -> bool {
+    // A fuzzer cannot forge checksums; let it reach the parsing behind them.
+    if cfg!(fuzzing) {
+        return true;
+    }
+    let mut copy = structure.to_vec();
+    copy[4..8].fill(0);
+    crc32c(&copy) == le32(structure, 4)
+}
+
 /// Refuses a file whose current header names a log to replay.
 fn check_log(source: &dyn ReadAt) -> Result<(), ConverterError> {
     let mut current: Option<(u64, Vec<u8>)> = None;
     for offset in HEADERS {
-        let header = read_structure(source, FORMAT, "a header", offset, 80)?;
-        if &header[..4] != b"head" {
+        let header = read_structure(source, FORMAT, "a header", offset, HEADER_BYTES)?;
+        if &header[..4] != b"head" || !checksum_matches(&header) {
             continue;
         }
         let sequence = le64(&header, 8);
@@ -125,7 +167,7 @@ fn check_log(source: &dyn ReadAt) -> Result<(), ConverterError> {
             current = Some((sequence, header));
         }
     }
-    let (_, header) = current.ok_or_else(|| malformed("neither header has the `head` signature"))?;
+    let (_, header) = current.ok_or_else(|| malformed("neither header is intact (a `head` signature and a matching CRC-32C)"))?;
     if header[48..64].iter().any(|byte| *byte != 0) {
         return Err(malformed(
             "the file has a log that was not replayed (it was not closed cleanly): open it once with Hyper-V or `qemu-img check -r all` first",
@@ -139,10 +181,15 @@ type Region = (u64, u32);
 
 /// The BAT and metadata regions.
 fn regions(source: &dyn ReadAt) -> Result<(Region, Region), ConverterError> {
-    let table = read_structure(source, FORMAT, "the region table", REGION_TABLE, 64 << 10)?;
-    if &table[..4] != b"regi" {
-        return Err(malformed("no region table at 192 KiB"));
+    let mut intact = None;
+    for offset in REGION_TABLES {
+        let table = read_structure(source, FORMAT, "the region table", offset, REGION_TABLE_BYTES)?;
+        if &table[..4] == b"regi" && checksum_matches(&table) {
+            intact = Some(table);
+            break;
+        }
     }
+    let table = intact.ok_or_else(|| malformed("neither region table (192 KiB, 256 KiB) is intact (a `regi` signature and a matching CRC-32C)"))?;
     let count = (le32(&table, 8) as usize).min(MAX_REGIONS);
     let find = |guid: &[u8; 16]| {
         (0..count)
@@ -229,5 +276,23 @@ impl MappedImage for VhdxImage<'_> {
             guest += length;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(b""), 0);
+        let mut header = vec![0u8; HEADER_BYTES];
+        header[..4].copy_from_slice(b"head");
+        let sum = crc32c(&header);
+        header[4..8].copy_from_slice(&sum.to_le_bytes());
+        assert!(checksum_matches(&header));
+        header[100] ^= 1;
+        assert!(!checksum_matches(&header));
     }
 }
