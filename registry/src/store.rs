@@ -598,6 +598,9 @@ where
         if pending.len() >= COALESCED_CHUNK {
             send_chunk(pending.split().freeze(), writer, hashing).await?;
             pending.reserve(COALESCED_CHUNK);
+            // While the client keeps sending, this loop never waits; let
+            // other requests run between chunks (as downloads do).
+            tokio::task::yield_now().await;
         }
     }
     if !pending.is_empty() {
@@ -607,7 +610,7 @@ where
 }
 
 async fn send_chunk(chunk: Bytes, writer: &mut dyn FileWriter, hashing: Option<&BackgroundHasher>) -> Result<(), StreamError> {
-    let chunk = budgeted(chunk).await;
+    let chunk = UPLOAD_BUFFERS.hold(chunk).await;
     if let Some(hashing) = hashing {
         hashing.feed(chunk.clone()).await;
     }
@@ -622,30 +625,8 @@ const COALESCED_CHUNK: usize = 1 << 20;
 /// memory grow with the number of concurrent uploads.
 const UPLOAD_BUFFER_BUDGET: usize = 64 << 20;
 
-static UPLOAD_BUFFERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(UPLOAD_BUFFER_BUDGET);
-
-/// A chunk holding its share of [`UPLOAD_BUFFER_BUDGET`] until its last
-/// clone (the hasher's or the writer's) is dropped.
-struct Budgeted {
-    data: Bytes,
-    _share: tokio::sync::SemaphorePermit<'static>,
-}
-
-impl AsRef<[u8]> for Budgeted {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-/// Waits until the budget has room for `chunk`, and ties the room to it.
-async fn budgeted(chunk: Bytes) -> Bytes {
-    let share = u32::try_from(chunk.len().min(UPLOAD_BUFFER_BUDGET)).unwrap_or(u32::MAX);
-    match UPLOAD_BUFFERS.acquire_many(share).await {
-        Ok(permit) => Bytes::from_owner(Budgeted { data: chunk, _share: permit }),
-        // The semaphore is never closed; without it the chunk goes as is.
-        Err(_) => chunk,
-    }
-}
+static UPLOAD_BUFFERS: std::sync::LazyLock<dvcr_storage::budget::MemoryBudget> =
+    std::sync::LazyLock::new(|| dvcr_storage::budget::MemoryBudget::new(UPLOAD_BUFFER_BUDGET));
 
 /// Chunks a hasher thread may have queued.
 const HASH_QUEUE_CHUNKS: usize = 16;

@@ -1,5 +1,5 @@
-//! Threads for bulk data work (streaming a blob from or to disk, hashing
-//! an upload) at a lower CPU priority than request handling.
+//! Threads for bulk data work (writing an upload to disk, hashing it) at a
+//! lower CPU priority than request handling.
 //!
 //! On a busy registry the cores are shared by a few dozen such threads and
 //! the async workers that answer requests. At equal priority a manifest GET

@@ -19,6 +19,12 @@ use crate::{ByteStream, FileInfo, FileWriter, Result, StorageDriver, StorageErro
 
 /// Size of the chunks a read streams.
 const READ_CHUNK: usize = 512 << 10;
+/// Read data all downloads together may hold in memory (bytes).
+const READ_BUFFER_BUDGET: usize = 64 << 20;
+
+static READ_BUFFERS: std::sync::LazyLock<crate::budget::MemoryBudget> =
+    std::sync::LazyLock::new(|| crate::budget::MemoryBudget::new(READ_BUFFER_BUDGET));
+
 /// Chunks a reader may have in flight ahead of the consumer.
 const READ_AHEAD_CHUNKS: usize = 2;
 /// Chunks a writer may have queued behind the disk.
@@ -156,37 +162,41 @@ impl StorageDriver for FilesystemDriver {
         };
         let (sender, receiver) = mpsc::channel::<Result<Bytes>>(READ_AHEAD_CHUNKS);
         let name = path.to_string();
-        crate::bulk::spawn_bulk("dvcr-read", move || {
+        // Reads stay at normal priority: a download is what a node waits
+        // for, and the reader only copies from the page cache.
+        tokio::task::spawn_blocking(move || {
             if let Err(error) = file.seek(SeekFrom::Start(offset)) {
                 let _ = sender.blocking_send(Err(StorageError::from_io(&name, error)));
                 return;
             }
             while remaining > 0 {
                 let want = remaining.min(READ_CHUNK as u64) as usize;
-                let mut buffer = BytesMut::zeroed(want);
-                let chunk = match file.read(&mut buffer) {
-                    Ok(0) => Err(StorageError::Io {
-                        path: name.clone(),
-                        source: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "file shrank while it was read",
-                        ),
-                    }),
-                    Ok(read) => {
-                        buffer.truncate(read);
-                        remaining -= read as u64;
-                        Ok(buffer.freeze())
+                let chunk = READ_BUFFERS.hold_blocking(want, || loop {
+                    let mut buffer = BytesMut::zeroed(want);
+                    match file.read(&mut buffer) {
+                        Ok(0) => {
+                            return Err(StorageError::Io {
+                                path: name.clone(),
+                                source: io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while it was read"),
+                            })
+                        }
+                        Ok(read) => {
+                            buffer.truncate(read);
+                            return Ok(buffer.freeze());
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(error) => return Err(StorageError::from_io(&name, error)),
                     }
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(error) => Err(StorageError::from_io(&name, error)),
-                };
+                });
+                if let Ok(chunk) = &chunk {
+                    remaining -= chunk.len() as u64;
+                }
                 let failed = chunk.is_err();
                 if sender.blocking_send(chunk).is_err() || failed {
                     return;
                 }
             }
-        })
-        .map_err(|error| StorageError::from_io(path.as_str(), error))?;
+        });
         let stream = futures::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|chunk| (chunk, receiver))
         });

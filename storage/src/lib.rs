@@ -16,6 +16,7 @@
 //! maps to a ranged GET, `move_file` to copy+delete, and `list` to a
 //! delimiter listing.
 
+pub mod budget;
 pub mod bulk;
 pub mod filesystem;
 pub mod memory;
