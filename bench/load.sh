@@ -44,7 +44,7 @@ echo "making a ${herd_mib} MiB blob and ${pushers} of ${push_mib} MiB in $work"
 make_blob "$work/blobs/herd.blob" "$herd_mib"
 for index in $(seq 0 $((pushers - 1))); do make_blob "$work/blobs/push-$index.blob" "$push_mib"; done
 
-target/release/dvcr serve --listen 127.0.0.1:$dvcr_port --storage-dir "$work/dvcr" 2>"$work/dvcr.log" &
+${DVCR_ENV:-} target/release/dvcr serve --listen 127.0.0.1:$dvcr_port --storage-dir "$work/dvcr" 2>"$work/dvcr.log" &
 pids+=($!)
 dvcr_pid=$!
 cat >"$work/distribution.yml" <<YAML

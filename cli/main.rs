@@ -388,9 +388,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
+/// glibc gives each thread that allocates its own arena (up to 8 per
+/// core) and keeps freed chunks in them; with dozens of threads moving
+/// 512 KiB chunks, peak RSS under `bench/load.sh` was 277 MiB against
+/// 188 MiB with two arenas, at no cost in throughput.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Runs the registry on a multi-threaded runtime; the other subcommands
 /// need none.
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(serve(args))
 }
