@@ -8,7 +8,8 @@
 #   bench/load.sh [HERD_MIB] [PUSH_MIB]        (default 1024 256)
 #
 # Environment: BENCH_DIR (default /var/tmp/dvcr-load), PULLERS (64),
-# PUSHERS (16). Needs about HERD + 16 x PUSH MiB x 3 of disk.
+# PUSHERS (16), DVCR_ENV (a prefix for the dvcr command, e.g.
+# "env MALLOC_ARENA_MAX=4"). Needs about HERD + 16 x PUSH MiB x 3 of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
