@@ -17,13 +17,10 @@ cd "$(dirname "$0")/.."
 virtual_mib=${1:-4096}
 rounds=${ROUNDS:-3}
 work=${BENCH_DIR:-/var/tmp/dvcr-convert-bench}
-for tool in qemu-img openssl python3 cmp; do
-    command -v "$tool" >/dev/null || { echo "bench needs $tool" >&2; exit 1; }
-done
+source bench/common.sh
+need_tools qemu-img openssl python3 cmp
 cargo build --release --locked --quiet
-rm -rf "$work"
-mkdir -p "$work"
-trap 'rm -rf "$work"' EXIT
+fresh_work "$work"
 
 echo "making a ${virtual_mib} MiB raw disk, every other MiB random"
 raw=$work/source.raw

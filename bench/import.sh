@@ -18,16 +18,12 @@ size_mib=${1:-2048}
 rounds=${ROUNDS:-3}
 work=${BENCH_DIR:-/var/tmp/dvcr-bench-import}
 port=5111
-for tool in curl openssl python3 skopeo qemu-img /usr/bin/time; do
-    command -v "$tool" >/dev/null || { echo "bench needs $tool (scripts/test.sh installs most)" >&2; exit 1; }
-done
+source bench/common.sh
+need_tools curl openssl python3 skopeo qemu-img /usr/bin/time
 cargo build --release --locked --quiet
 
-rm -rf "$work"
+fresh_work "$work"
 mkdir -p "$work/files"
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
 
 echo "making a qcow2 with ${size_mib} MiB of random data in $work"
 : >"$work/random.raw"

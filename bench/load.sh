@@ -21,21 +21,13 @@ work=${BENCH_DIR:-/var/tmp/dvcr-load}
 dvcr_port=5111
 distribution_port=5112
 
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v docker-registry >/dev/null 2>&1; then
-    as_root apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-registry
-fi
-for tool in curl openssl python3; do
-    command -v "$tool" >/dev/null || { echo "bench needs $tool" >&2; exit 1; }
-done
+source bench/common.sh
+ensure_docker_registry
+need_tools curl openssl python3
 cargo build --release --locked --quiet
 
-rm -rf "$work"
+fresh_work "$work"
 mkdir -p "$work/blobs"
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
 
 make_blob() {
     openssl rand -out "$1" $(($2 << 20))
@@ -45,25 +37,7 @@ echo "making a ${herd_mib} MiB blob and ${pushers} of ${push_mib} MiB in $work"
 make_blob "$work/blobs/herd.blob" "$herd_mib"
 for index in $(seq 0 $((pushers - 1))); do make_blob "$work/blobs/push-$index.blob" "$push_mib"; done
 
-${DVCR_ENV:-} target/release/dvcr serve --listen 127.0.0.1:$dvcr_port --storage-dir "$work/dvcr" 2>"$work/dvcr.log" &
-pids+=($!)
-dvcr_pid=$!
-cat >"$work/distribution.yml" <<YAML
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $work/distribution
-http:
-  addr: 127.0.0.1:$distribution_port
-YAML
-docker-registry serve "$work/distribution.yml" >"$work/distribution.log" 2>&1 &
-pids+=($!)
-distribution_pid=$!
-for port in $dvcr_port $distribution_port; do
-    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
-done
+start_registries "$work" $dvcr_port $distribution_port
 
 results=()
 for name in dvcr distribution; do

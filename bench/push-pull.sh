@@ -16,48 +16,19 @@ work=${BENCH_DIR:-/var/tmp/dvcr-bench}
 dvcr_port=5101
 distribution_port=5102
 
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v docker-registry >/dev/null 2>&1; then
-    as_root apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-registry
-fi
-for tool in curl openssl python3; do
-    command -v "$tool" >/dev/null || { echo "bench needs $tool" >&2; exit 1; }
-done
+source bench/common.sh
+ensure_docker_registry
+need_tools curl openssl python3
 cargo build --release --locked --quiet
 
-rm -rf "$work"
-mkdir -p "$work"
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+fresh_work "$work"
 
 blob=$work/blob
 echo "making a ${size_mib} MiB random blob in $work"
 openssl rand -out "$blob" $((size_mib << 20))
 digest=sha256:$(openssl dgst -sha256 -r "$blob" | cut -d' ' -f1)
 
-target/release/dvcr serve --listen 127.0.0.1:$dvcr_port --storage-dir "$work/dvcr" 2>"$work/dvcr.log" &
-pids+=($!)
-dvcr_pid=$!
-cat >"$work/distribution.yml" <<YAML
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $work/distribution
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:$distribution_port
-YAML
-docker-registry serve "$work/distribution.yml" >"$work/distribution.log" 2>&1 &
-pids+=($!)
-distribution_pid=$!
-for port in $dvcr_port $distribution_port; do
-    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
-done
+start_registries "$work" $dvcr_port $distribution_port
 
 # push PORT REPO -> prints bytes/s of one monolithic PUT (POST, then PUT -T)
 push() {

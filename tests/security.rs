@@ -28,6 +28,38 @@ fn htpasswd(directory: &Path) -> PathBuf {
     path
 }
 
+/// `dvcr serve` with the htpasswd users (node-puller read-only) and `extra`.
+fn start_with_users(dir: &Path, extra: &[String]) -> Server {
+    let mut arguments = vec![
+        "--htpasswd".to_string(),
+        htpasswd(dir).display().to_string(),
+        "--read-only-user".into(),
+        "node-puller".into(),
+    ];
+    arguments.extend_from_slice(extra);
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    Server::start_with(&dir.join("data"), free_port(), &arguments)
+}
+
+/// Imports `size` pseudo-random bytes as `<repository>:v1` (disk file
+/// `<name>.img`) as the admin, through a pull secret; returns the disk.
+fn import_as_admin(server: &Server, dir: &Path, name: &str, size: usize, extra: &[&str]) -> Vec<u8> {
+    let disk = pseudo_random(size, size as u64);
+    let disk_path = dir.join(format!("{name}.img"));
+    std::fs::write(&disk_path, &disk).unwrap();
+    let auth_file = dir.join("config.json");
+    let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ADMIN);
+    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#, server.address)).unwrap();
+    let output = Command::new(DVCR)
+        .args(["import", &disk_path.display().to_string(), &format!("{}/vi/ns/{name}:v1", server.address)])
+        .args(["--auth-file", &auth_file.display().to_string()])
+        .args(extra)
+        .output()
+        .unwrap();
+    succeeded(&output, &format!("import of {name}"));
+    disk
+}
+
 fn keygen(directory: &Path, name: &str) -> (PathBuf, PathBuf) {
     let private = directory.join(format!("{name}.key"));
     let public = directory.join(format!("{name}.pub"));
@@ -77,19 +109,7 @@ fn users_and_scoped_tokens_get_exactly_what_they_may() {
     let directory = tempfile::tempdir().unwrap();
     let dir = directory.path();
     let (private_key, public_key) = keygen(dir, "signing");
-    let htpasswd = htpasswd(dir);
-    let server = Server::start_with(
-        &dir.join("data"),
-        free_port(),
-        &[
-            "--htpasswd",
-            &htpasswd.display().to_string(),
-            "--read-only-user",
-            "node-puller",
-            "--token-public-key",
-            &public_key.display().to_string(),
-        ],
-    );
+    let server = start_with_users(dir, &["--token-public-key".into(), public_key.display().to_string()]);
     let url = |path: &str| server.url(path);
 
     // The challenge docker-style clients answer, and the spec's error body.
@@ -237,14 +257,9 @@ fn tls_serves_skopeo_containerd_curl_and_the_importer_and_checks_client_certific
     let directory = tempfile::tempdir().unwrap();
     let dir = directory.path();
     let pki = TestPki::create(&dir.join("pki"));
-    let htpasswd = htpasswd(dir);
     let tls = |extra: &[&str]| {
         let mut arguments = vec![
-            "--htpasswd".to_string(),
-            htpasswd.display().to_string(),
-            "--read-only-user".into(),
-            "node-puller".into(),
-            "--tls-cert".into(),
+            "--tls-cert".to_string(),
             pki.server_cert.display().to_string(),
             "--tls-key".into(),
             pki.server_key.display().to_string(),
@@ -252,9 +267,7 @@ fn tls_serves_skopeo_containerd_curl_and_the_importer_and_checks_client_certific
         arguments.extend(extra.iter().map(|text| text.to_string()));
         arguments
     };
-    let arguments = tls(&[]);
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    let server = Server::start_with(&dir.join("data"), free_port(), &arguments);
+    let server = start_with_users(dir, &tls(&[]));
     let https = |path: &str| format!("https://{}{path}", server.address);
     let ca = pki.ca.display().to_string();
 
@@ -288,18 +301,7 @@ fn tls_serves_skopeo_containerd_curl_and_the_importer_and_checks_client_certific
 
     // The importer trusts it through --registry-ca-bundle and logs in with a
     // pull secret; containerd pulls with the CA and the nodes' user.
-    let disk = pseudo_random(3 << 20, 10);
-    let disk_path = dir.join("tls-disk.img");
-    std::fs::write(&disk_path, &disk).unwrap();
-    let auth_file = dir.join("config.json");
-    let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ADMIN);
-    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#, server.address)).unwrap();
-    let output = Command::new(DVCR)
-        .args(["import", &disk_path.display().to_string(), &format!("{}/vi/ns/tls-disk:v1", server.address)])
-        .args(["--registry-ca-bundle", &ca, "--auth-file", &auth_file.display().to_string()])
-        .output()
-        .unwrap();
-    succeeded(&output, "import over TLS");
+    let disk = import_as_admin(&server, dir, "tls-disk", 3 << 20, &["--registry-ca-bundle", &ca]);
     // As on a node: a hosts.toml for the registry naming its CA.
     let hosts = dir.join("certs.d");
     std::fs::create_dir_all(hosts.join(&server.address)).unwrap();
@@ -321,9 +323,7 @@ fn tls_serves_skopeo_containerd_curl_and_the_importer_and_checks_client_certific
     // With a client CA, a client without a certificate signed by it gets no
     // connection at all.
     let probes = format!("127.0.0.1:{}", free_port());
-    let arguments = tls(&["--tls-client-ca", &ca, "--metrics-listen", &probes]);
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    let server = Server::start_with(&dir.join("data"), free_port(), &arguments);
+    let server = start_with_users(dir, &tls(&["--tls-client-ca", &ca, "--metrics-listen", &probes]));
     let https = format!("https://{}/v2/", server.address);
     assert_eq!(curl(&["--cacert", &ca, "-u", ADMIN, &https]).0, 0);
     let with_certificate = curl(&[
@@ -357,19 +357,7 @@ fn the_registry_issues_tokens_to_docker_style_clients() {
     let directory = tempfile::tempdir().unwrap();
     let dir = directory.path();
     let (private_key, _) = keygen(dir, "service");
-    let htpasswd = htpasswd(dir);
-    let server = Server::start_with(
-        &dir.join("data"),
-        free_port(),
-        &[
-            "--htpasswd",
-            &htpasswd.display().to_string(),
-            "--read-only-user",
-            "node-puller",
-            "--token-private-key",
-            &private_key.display().to_string(),
-        ],
-    );
+    let server = start_with_users(dir, &["--token-private-key".into(), private_key.display().to_string()]);
     let url = |path: &str| server.url(path);
 
     let output = Command::new(require_tool("curl")).args(["-si", &url("/v2/")]).output().unwrap();
@@ -399,18 +387,7 @@ fn the_registry_issues_tokens_to_docker_style_clients() {
     assert!(!refused.status.success(), "the read-only user pushed through a token");
 
     // The importer with a pull secret: the same token flow.
-    let disk = pseudo_random(1 << 20, 11);
-    let disk_path = dir.join("token-disk.img");
-    std::fs::write(&disk_path, &disk).unwrap();
-    let auth_file = dir.join("config.json");
-    let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ADMIN);
-    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#, server.address)).unwrap();
-    let output = Command::new(DVCR)
-        .args(["import", &disk_path.display().to_string(), &format!("{}/vi/ns/token-disk:v1", server.address)])
-        .args(["--auth-file", &auth_file.display().to_string()])
-        .output()
-        .unwrap();
-    succeeded(&output, "import through the token endpoint");
+    let disk = import_as_admin(&server, dir, "token-disk", 1 << 20, &[]);
     let containerd = Containerd::start(&dir.join("containerd"));
     pull_with_and_compare(
         &containerd,
