@@ -831,6 +831,36 @@ async fn metrics_health_readiness_and_request_ids() {
     assert_eq!(metric(&text, "dvcr_uploads_in_flight", &[]), 0.0, "{text}");
     assert_eq!(metric(&text, "dvcr_storage_errors_total", &[]), 0.0, "{text}");
 
+    // An upload in flight is counted, and no longer once its client is gone.
+    let gauge = |client: Client, server_url: String| async move {
+        let text = client.get(format!("{server_url}/metrics")).send().await.unwrap().text().await.unwrap();
+        metric(&text, "dvcr_uploads_in_flight", &[])
+    };
+    let response = client.post(server.url("/v2/vi/ns/metrics/blobs/uploads/")).send().await.unwrap();
+    let location = header(&response, "location");
+    let (mut sender, receiver) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let upload = tokio::spawn(client.patch(server.url(&location)).body(reqwest::Body::wrap_stream(receiver)).send());
+    futures::SinkExt::send(&mut sender, Ok(vec![1u8; 4096])).await.unwrap();
+    let mut seen = 0.0;
+    for _ in 0..200 {
+        seen = gauge(client.clone(), server.url("")).await;
+        if seen == 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, 1.0, "the upload is in flight");
+    upload.abort();
+    drop(sender);
+    for _ in 0..200 {
+        seen = gauge(client.clone(), server.url("")).await;
+        if seen == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, 0.0, "an upload whose client went away is not counted");
+
     // Storage that fails makes the registry unready and is counted.
     let storage = directory.path().join("data");
     std::fs::rename(storage.join("docker"), storage.join("docker.moved")).unwrap();

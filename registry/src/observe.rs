@@ -135,6 +135,22 @@ fn request_id(request: &Request) -> String {
     }
 }
 
+/// One request counted in a gauge for as long as it lives.
+struct InFlight(Gauge);
+
+impl InFlight {
+    fn enter(gauge: &Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Middleware: request id, a span carrying it for every log line of the
 /// request, counts, latency and body bytes.
 pub async fn observe(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
@@ -156,14 +172,12 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, request: Request, next
         frame
     }));
     let request = Request::from_parts(parts, body);
-    if uploading {
-        metrics.uploads_in_flight.inc();
-    }
+    // A guard, so a request dropped midway (the client went away) still
+    // leaves the gauge.
+    let in_flight = uploading.then(|| InFlight::enter(&metrics.uploads_in_flight));
     let span = tracing::info_span!("request", id = %id, method = %method, path = %path, who = tracing::field::Empty);
     let response = next.run(request).instrument(span.clone()).await;
-    if uploading {
-        metrics.uploads_in_flight.dec();
-    }
+    drop(in_flight);
     let elapsed = started.elapsed();
     let status = response.status();
     metrics
