@@ -178,10 +178,14 @@ impl Authenticator {
         if let Some(service) = &self.token_service {
             format!("Bearer realm=\"{}\",service=\"{}\"", service.realm(headers), self.realm)
         } else if self.htpasswd.is_some() || self.tokens.is_empty() {
-            format!("Basic realm=\"{}\", charset=\"UTF-8\"", self.realm)
+            self.basic_challenge()
         } else {
             format!("Bearer realm=\"{}\",service=\"{}\"", self.realm, self.realm)
         }
+    }
+
+    fn basic_challenge(&self) -> String {
+        format!("Basic realm=\"{}\", charset=\"UTF-8\"", self.realm)
     }
 
     fn unauthorized_with(&self, challenge: String, message: impl Into<String>) -> RegistryError {
@@ -191,11 +195,12 @@ impl Authenticator {
     /// The user behind Basic credentials (the token endpoint takes nothing
     /// else), challenging for Basic.
     pub async fn identify_user(&self, headers: &HeaderMap) -> Result<Identity, RegistryError> {
-        let basic = format!("Basic realm=\"{}\", charset=\"UTF-8\"", self.realm);
+        let basic = self.basic_challenge();
         let is_basic = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.len() > 6 && value[..6].eq_ignore_ascii_case("basic "));
+            .and_then(|value| value.get(..6))
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("basic "));
         if !is_basic {
             return Err(self.unauthorized_with(basic, "log in with a user name and password to get a token"));
         }
