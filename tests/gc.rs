@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::image::{self, pseudo_random, Image};
-use common::{free_port, push_image, run, sha256_digest, Server, DVCR};
+use common::{free_port, push_image, put_manifest, run, sha256_digest, Server, DVCR};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
@@ -174,13 +174,7 @@ async fn push_skipping_known_blobs(client: &Client, server: &Server, repository:
             return Err(format!("blob push answered {}: {:?}", response.status(), response.text().await));
         }
     }
-    let response = client
-        .put(server.url(&format!("/v2/{repository}/manifests/{tag}")))
-        .header("Content-Type", &image.manifest_media_type)
-        .body(image.manifest.clone())
-        .send()
-        .await
-        .map_err(|error| error.to_string())?;
+    let response = put_manifest(client, server, repository, tag, image).await.map_err(|error| error.to_string())?;
     if response.status() != StatusCode::CREATED {
         return Err(format!("{repository}:{tag}: manifest push answered {}: {:?}", response.status(), response.text().await));
     }

@@ -260,11 +260,7 @@ impl Store {
                 Err(error) => return Err(error.into()),
             };
             for link in links {
-                let mut parts = link.path.as_str().rsplit('/');
-                let (Some("link"), Some(hex), Some(algorithm)) = (parts.next(), parts.next(), parts.next()) else {
-                    continue;
-                };
-                let Ok(digest) = format!("{algorithm}:{hex}").parse::<Digest>() else { continue };
+                let Some(digest) = layout::digest_of_link(&link.path) else { continue };
                 if let Some(manifest) = self.manifest_content(&digest).await? {
                     marked.extend(referenced_digests(&manifest));
                 }
@@ -279,12 +275,7 @@ impl Store {
             Err(error) => return Err(error.into()),
         };
         for blob in blobs {
-            let path = blob.path.as_str();
-            let mut parts = path.rsplit('/');
-            let (Some("data"), Some(hex), Some(_), Some(algorithm)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-                continue;
-            };
-            let Ok(digest) = format!("{algorithm}:{hex}").parse::<Digest>() else { continue };
+            let Some(digest) = layout::digest_of_blob_data(&blob.path) else { continue };
             if marked.contains(&digest) || blob.modified >= cutoff {
                 report.blobs_kept += 1;
                 continue;

@@ -56,6 +56,26 @@ pub fn uploads(name: &RepositoryName) -> Result<StoragePath, StorageError> {
     path(format!("{ROOT}/repositories/{name}/_uploads"))
 }
 
+/// The digest a link path names: `.../<algorithm>/<hex>/link` (revision
+/// and layer links).
+pub fn digest_of_link(path: &StoragePath) -> Option<Digest> {
+    let mut parts = path.as_str().rsplit('/');
+    let (Some("link"), Some(hex), Some(algorithm)) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    format!("{algorithm}:{hex}").parse().ok()
+}
+
+/// The digest whose content `path` holds, when it is a path [`blob_data`]
+/// makes: `.../<algorithm>/<hex[0..2]>/<hex>/data`.
+pub fn digest_of_blob_data(path: &StoragePath) -> Option<Digest> {
+    let mut parts = path.as_str().rsplit('/');
+    let (Some("data"), Some(hex), Some(_), Some(algorithm)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    format!("{algorithm}:{hex}").parse().ok()
+}
+
 /// The link that makes a blob visible in a repository.
 pub fn layer_link(name: &RepositoryName, digest: &Digest) -> Result<StoragePath, StorageError> {
     path(format!("{ROOT}/repositories/{name}/_layers/{}/{}/link", digest.algorithm().name(), digest.hex()))
@@ -143,6 +163,11 @@ mod tests {
             layer_link(&name, &digest).unwrap().as_str(),
             "docker/registry/v2/repositories/vi/ns/img/_layers/sha256/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/link"
         );
+        assert_eq!(digest_of_blob_data(&blob_data(&digest).unwrap()), Some(digest.clone()));
+        assert_eq!(digest_of_link(&layer_link(&name, &digest).unwrap()), Some(digest.clone()));
+        assert_eq!(digest_of_link(&revision_link(&name, &digest).unwrap()), Some(digest.clone()));
+        assert_eq!(digest_of_link(&blob_data(&digest).unwrap()), None);
+        assert_eq!(digest_of_blob_data(&StoragePath::new("x/sha256/e3/nothex/data").unwrap()), None);
         let tag = Tag::parse("v1").unwrap();
         assert_eq!(
             tag_current_link(&name, &tag).unwrap().as_str(),

@@ -151,6 +151,23 @@ impl Drop for InFlight {
     }
 }
 
+fn set_request_id(headers: &mut axum::http::HeaderMap, id: &str) {
+    if let Ok(value) = HeaderValue::from_str(id) {
+        headers.insert(REQUEST_ID, value);
+    }
+}
+
+/// `body`, adding the bytes of its data frames to `counter` as they pass.
+fn counted(body: Body, counter: &Counter) -> Body {
+    let counter = counter.clone();
+    Body::new(body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            counter.inc_by(data.len() as u64);
+        }
+        frame
+    }))
+}
+
 /// Middleware: request id, a span carrying it for every log line of the
 /// request, counts, latency and body bytes.
 pub async fn observe(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
@@ -160,18 +177,9 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, request: Request, next
     let route = route_label(request.uri().path());
     let path = request.uri().path().to_string();
     let uploading = matches!(route, "upload" | "upload_start") || (route == "manifest" && method == "PUT");
-    let received = metrics.bytes_received.clone();
     let (mut parts, body) = request.into_parts();
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        parts.headers.insert(REQUEST_ID, value);
-    }
-    let body = Body::new(body.map_frame(move |frame| {
-        if let Some(data) = frame.data_ref() {
-            received.inc_by(data.len() as u64);
-        }
-        frame
-    }));
-    let request = Request::from_parts(parts, body);
+    set_request_id(&mut parts.headers, &id);
+    let request = Request::from_parts(parts, counted(body, &metrics.bytes_received));
     // A guard, so a request dropped midway (the client went away) still
     // leaves the gauge.
     let in_flight = uploading.then(|| InFlight::enter(&metrics.uploads_in_flight));
@@ -189,18 +197,9 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, request: Request, next
         .get_or_create(&RequestLabels { method: method.clone(), route, status: status.as_u16() })
         .inc();
     span.in_scope(|| tracing::info!(status = status.as_u16(), route, ms = elapsed.as_millis() as u64, "request"));
-    let sent = metrics.bytes_sent.clone();
     let (mut parts, body) = response.into_parts();
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        parts.headers.insert(REQUEST_ID, value);
-    }
-    let body = Body::new(body.map_frame(move |frame| {
-        if let Some(data) = frame.data_ref() {
-            sent.inc_by(data.len() as u64);
-        }
-        frame
-    }));
-    Response::from_parts(parts, body)
+    set_request_id(&mut parts.headers, &id);
+    Response::from_parts(parts, counted(body, &metrics.bytes_sent))
 }
 
 /// `GET /metrics`.

@@ -478,7 +478,7 @@ impl Store {
 
     /// Whether anything was ever pushed to `name`.
     pub async fn repository_exists(&self, name: &RepositoryName) -> RegistryResult<bool> {
-        Ok(self.size_of(&layout::repository(name)?).await?.is_some())
+        self.exists(&layout::repository(name)?).await
     }
 
     /// The tags of a repository, sorted; a tag whose link is gone is left out.

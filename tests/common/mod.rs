@@ -176,14 +176,24 @@ pub async fn push_image(client: &reqwest::Client, server: &Server, repository: &
         let response = client.post(url).body(blob.to_vec()).send().await.expect("blob push");
         assert_eq!(response.status(), 201, "blob push: {:?}", response.text().await);
     }
-    let response = client
+    let response = put_manifest(client, server, repository, tag, image).await.expect("manifest push");
+    assert_eq!(response.status(), 201, "manifest push: {:?}", response.text().await);
+}
+
+/// PUTs the manifest of `image` as `repository:tag`.
+pub async fn put_manifest(
+    client: &reqwest::Client,
+    server: &Server,
+    repository: &str,
+    tag: &str,
+    image: &image::Image,
+) -> reqwest::Result<reqwest::Response> {
+    client
         .put(server.url(&format!("/v2/{repository}/manifests/{tag}")))
         .header("Content-Type", &image.manifest_media_type)
         .body(image.manifest.clone())
         .send()
         .await
-        .expect("manifest push");
-    assert_eq!(response.status(), 201, "manifest push: {:?}", response.text().await);
 }
 
 /// Writes `path` compressed as `<path>.<wrapper>` (gz, xz, zst, bz2) with
