@@ -135,9 +135,8 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
-    /// Folder that holds the registry's data (filesystem storage).
-    #[arg(long, default_value = "./dvcr-data")]
-    storage_dir: PathBuf,
+    #[command(flatten)]
+    storage: StorageArgs,
     /// How long an upload session (POST /dvcr/uploads) waits for its upload (30s, 15m, 1h).
     /// Upload sessions are offered by the embedded default only (no authentication, no TLS);
     /// in a cluster, `dvcr upload-server` takes uploads.
@@ -185,9 +184,8 @@ impl GcRules {
 
 #[derive(clap::Args)]
 struct GcArgs {
-    /// Folder that holds the registry's data (filesystem storage).
-    #[arg(long, default_value = "./dvcr-data")]
-    storage_dir: PathBuf,
+    #[command(flatten)]
+    storage: StorageArgs,
     #[command(flatten)]
     rules: GcRules,
     /// Report what would be removed; remove nothing.
@@ -199,20 +197,101 @@ struct GcArgs {
 /// storage is protected by the grace window only; `dvcr serve --gc-interval`
 /// also protects what its own requests are using at that moment.
 fn gc(args: GcArgs) -> anyhow::Result<()> {
-    let driver = FilesystemDriver::new(&args.storage_dir)
-        .with_context(|| format!("cannot use storage folder {}", args.storage_dir.display()))?;
     let mut options = args.rules.options();
     options.dry_run = args.dry_run;
     if let Some(path) = &args.rules.live_repositories {
         options.live_repositories = Some(dvcr_registry::gc::read_live_repositories(path).map_err(anyhow::Error::msg)?);
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let store = dvcr_registry::Store::new(Arc::new(driver));
+    let (driver, _) = runtime.block_on(args.storage.open())?;
+    let store = dvcr_registry::Store::new(driver);
     let report = runtime
         .block_on(store.collect_garbage(&options))
         .context("garbage collection failed")?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// Where the registry keeps its data: a folder, or an S3 bucket.
+#[derive(clap::Args)]
+struct StorageArgs {
+    /// Folder that holds the registry's data (filesystem storage, used when no --s3-bucket is given).
+    #[arg(long, default_value = "./dvcr-data")]
+    storage_dir: PathBuf,
+    /// Store in this S3 bucket instead of a folder; every replica given the same bucket serves the same registry.
+    #[arg(long)]
+    s3_bucket: Option<String>,
+    /// The S3 endpoint URL (Garage, MinIO, Ceph...); AWS's own when not given.
+    #[arg(long, requires = "s3_bucket")]
+    s3_endpoint: Option<String>,
+    /// The bucket's region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// A key prefix for every object, to share a bucket.
+    #[arg(long, default_value = "")]
+    s3_prefix: String,
+    /// Access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    s3_access_key_id: Option<String>,
+    /// A file holding the secret access key (else the AWS_SECRET_ACCESS_KEY environment variable).
+    #[arg(long)]
+    s3_secret_access_key_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for the endpoint, besides the system's.
+    #[arg(long)]
+    s3_ca_bundle: Option<PathBuf>,
+    /// Address the bucket as BUCKET.ENDPOINT (AWS style) instead of ENDPOINT/BUCKET.
+    #[arg(long)]
+    s3_virtual_hosted: bool,
+    /// First part size of multipart uploads, in MiB (doubling every 1000 parts, up to 32 times); at least 8.
+    #[arg(long, default_value_t = 8)]
+    s3_part_size_mib: u64,
+    /// MiB that all uploads together may hold in parts on their way to S3.
+    #[arg(long, default_value_t = 256)]
+    s3_buffer_memory_mib: usize,
+}
+
+impl StorageArgs {
+    /// Opens the driver these flags name, and says what it is for logs.
+    async fn open(&self) -> anyhow::Result<(Arc<dyn dvcr_storage::StorageDriver>, String)> {
+        let Some(bucket) = &self.s3_bucket else {
+            let driver = FilesystemDriver::new(&self.storage_dir)
+                .with_context(|| format!("cannot use storage folder {}", self.storage_dir.display()))?;
+            return Ok((Arc::new(driver), format!("folder {}", self.storage_dir.display())));
+        };
+        if self.s3_part_size_mib < 8 {
+            anyhow::bail!("--s3-part-size-mib must be at least 8, so that blobs of 1 TiB fit in 10,000 parts");
+        }
+        let access_key_id = self
+            .s3_access_key_id
+            .clone()
+            .context("S3 storage needs an access key: --s3-access-key-id or AWS_ACCESS_KEY_ID")?;
+        let secret_access_key = match &self.s3_secret_access_key_file {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the S3 secret key file {}", path.display()))?
+                .trim()
+                .to_string(),
+            None => std::env::var("AWS_SECRET_ACCESS_KEY")
+                .context("S3 storage needs a secret key: --s3-secret-access-key-file or AWS_SECRET_ACCESS_KEY")?,
+        };
+        let mut options = dvcr_storage::s3::S3Options::new(bucket, &self.s3_region, access_key_id, secret_access_key);
+        options.endpoint = self.s3_endpoint.clone();
+        options.prefix = self.s3_prefix.clone();
+        options.session_token = std::env::var("AWS_SESSION_TOKEN").ok().filter(|token| !token.is_empty());
+        options.path_style = !self.s3_virtual_hosted;
+        options.part_size = self.s3_part_size_mib << 20;
+        options.buffer_memory = self.s3_buffer_memory_mib << 20;
+        if let Some(path) = &self.s3_ca_bundle {
+            options.ca_bundle =
+                Some(std::fs::read(path).with_context(|| format!("cannot read the S3 CA bundle {}", path.display()))?);
+        }
+        let driver = dvcr_storage::s3::S3Driver::new(options)?;
+        let place = format!("s3 bucket {bucket} at {}", self.s3_endpoint.as_deref().unwrap_or("AWS"));
+        driver
+            .check_bucket()
+            .await
+            .with_context(|| format!("cannot use the {place}: check the endpoint, bucket, region and credentials"))?;
+        Ok((Arc::new(driver), place))
+    }
 }
 
 /// Who may use the registry. Without any of these the registry is open,
@@ -338,13 +417,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (Some(certificate), Some(key)) => Some(dvcr_registry::tls::server_config(certificate, key, args.tls.tls_client_ca.as_deref())?),
         _ => None,
     };
-    let driver = FilesystemDriver::new(&args.storage_dir)
-        .with_context(|| format!("cannot use storage folder {}", args.storage_dir.display()))?;
+    let (driver, storage) = args.storage.open().await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let embedded_default = auth.is_none() && tls.is_none();
-    let registry = dvcr_registry::Registry::new(Arc::new(driver), auth);
+    let registry = dvcr_registry::Registry::new(driver, auth);
     if let Some(interval) = args.gc_interval {
         tokio::spawn(dvcr_registry::gc::run_periodically(
             registry.store.clone(),
@@ -371,7 +449,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!(
         listen = %listener.local_addr()?,
-        storage = %args.storage_dir.display(),
+        %storage,
         tls = tls.is_some(),
         authentication = !embedded_default && (args.auth.htpasswd.is_some() || args.auth.token_public_key.is_some()),
         "registry serving"

@@ -9,7 +9,8 @@
 //!
 //! Drivers:
 //! - [`filesystem::FilesystemDriver`]: a local folder (a PVC in a cluster);
-//! - [`memory::MemoryDriver`]: an in-process map, for unit tests.
+//! - [`memory::MemoryDriver`]: an in-process map, for unit tests;
+//! - [`s3::S3Driver`]: an S3 bucket (AWS, Garage, MinIO...), for replicas.
 //!
 //! The interface is shaped so that an object store fits behind it: a
 //! [`FileWriter`] maps to a multipart upload (`commit` completes it), `read`
@@ -21,6 +22,9 @@ pub mod bulk;
 pub mod filesystem;
 pub mod memory;
 mod path;
+pub mod s3;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::time::SystemTime;
 
@@ -60,6 +64,14 @@ pub enum StorageError {
     /// The volume or bucket has no room left.
     #[error("storage is out of space while writing {0}: free space on the registry's volume or grow it")]
     OutOfSpace(String),
+    /// The object store refused or failed a request.
+    #[error("object store error on {path}: {message}")]
+    ObjectStore {
+        /// The file the operation was on.
+        path: String,
+        /// What the object store said.
+        message: String,
+    },
     /// Any other I/O failure.
     #[error("storage I/O error on {path}: {source}")]
     Io {
