@@ -5,6 +5,7 @@ mod common;
 use std::io::{Read, Write};
 
 use common::image::{self, pseudo_random};
+use common::storage::{break_storage, StoredView};
 use common::{push_image, sha256_digest, Server};
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
@@ -55,14 +56,12 @@ async fn push_blob(client: &Client, server: &Server, repository: &str, data: &[u
 
 /// Every blob file in the store, as (digest text, content digest).
 fn stored_blob_files(server: &Server) -> Vec<(String, String)> {
+    let stored = StoredView::of(&server.storage);
     let mut found = Vec::new();
-    let root = server.storage.join("docker/registry/v2/blobs/sha256");
-    let Ok(prefixes) = std::fs::read_dir(&root) else { return found };
-    for prefix in prefixes.flatten() {
-        for blob in std::fs::read_dir(prefix.path()).unwrap().flatten() {
-            let data = std::fs::read(blob.path().join("data")).unwrap();
-            found.push((format!("sha256:{}", blob.file_name().to_string_lossy()), sha256_digest(&data)));
-        }
+    for file in stored.files("docker/registry/v2/blobs/sha256") {
+        let Some(name) = file.strip_suffix("/data").and_then(|folder| folder.rsplit('/').next()) else { continue };
+        let data = stored.read(&file).expect("a listed blob is readable");
+        found.push((format!("sha256:{name}"), sha256_digest(&data)));
     }
     found
 }
@@ -772,7 +771,7 @@ async fn repository_names_are_checked_before_storage() {
     let response = client.get(server.url(&format!("/v2/{ok_name}/tags/list"))).send().await.unwrap();
     expect_error(response, StatusCode::NOT_FOUND, "NAME_UNKNOWN").await;
     assert!(
-        !server.storage.join("docker/registry/v2/repositories/b").exists(),
+        !StoredView::of(&server.storage).exists("docker/registry/v2/repositories/b"),
         "a refused name reached storage"
     );
     // Methods the API does not have.
@@ -863,8 +862,7 @@ async fn metrics_health_readiness_and_request_ids() {
 
     // Storage that fails makes the registry unready and is counted.
     let storage = directory.path().join("data");
-    std::fs::rename(storage.join("docker"), storage.join("docker.moved")).unwrap();
-    std::fs::write(storage.join("docker"), b"not a folder").unwrap();
+    break_storage(&storage, true);
     let response = client.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.text().await.unwrap().contains("storage fails"));
@@ -873,7 +871,6 @@ async fn metrics_health_readiness_and_request_ids() {
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let text = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metric(&text, "dvcr_storage_errors_total", &[]) >= 1.0, "{text}");
-    std::fs::remove_file(storage.join("docker")).unwrap();
-    std::fs::rename(storage.join("docker.moved"), storage.join("docker")).unwrap();
+    break_storage(&storage, false);
     assert_eq!(client.get(server.url("/readyz")).send().await.unwrap().status(), StatusCode::OK);
 }

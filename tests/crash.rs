@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::image::{self, pseudo_random};
+use common::storage::StoredView;
 use common::{push_image, sha256_digest, Server};
 use futures::StreamExt;
 use reqwest::Client;
@@ -44,54 +45,49 @@ fn body_digest(chunks: usize, seed: u64) -> String {
 /// every tag leads to a stored manifest whose blobs are all linked and
 /// stored. Returns (blobs, tags).
 fn verify_store(storage: &Path) -> (usize, usize) {
-    let root = storage.join("docker/registry/v2");
+    let stored = StoredView::of(storage);
+    let root = "docker/registry/v2";
     let mut blobs = 0;
-    if let Ok(prefixes) = std::fs::read_dir(root.join("blobs/sha256")) {
-        for prefix in prefixes.flatten() {
-            for blob in std::fs::read_dir(prefix.path()).unwrap().flatten() {
-                let name = blob.file_name().to_string_lossy().into_owned();
-                // A kill between creating a blob's folder and renaming its
-                // data into it leaves a folder without data: not a blob,
-                // invisible through the API, and garbage for collection.
-                let Ok(data) = std::fs::read(blob.path().join("data")) else { continue };
-                assert_eq!(sha256_digest(&data), format!("sha256:{name}"), "a partial or corrupt blob is stored");
-                blobs += 1;
-            }
-        }
+    for file in stored.files(&format!("{root}/blobs/sha256")) {
+        // A kill between creating a blob's folder and moving its data into
+        // it leaves a folder without data: not a blob, invisible through
+        // the API, and garbage for collection.
+        let Some(name) = file.strip_suffix("/data").and_then(|folder| folder.rsplit('/').next()) else { continue };
+        let Some(data) = stored.read(&file) else { continue };
+        assert_eq!(sha256_digest(&data), format!("sha256:{name}"), "a partial or corrupt blob is stored");
+        blobs += 1;
     }
     let blob_path = |digest: &str| {
         let hex = &digest["sha256:".len()..];
-        root.join("blobs/sha256").join(&hex[..2]).join(hex).join("data")
+        format!("{root}/blobs/sha256/{}/{hex}/data", &hex[..2])
     };
     let mut tags = 0;
-    let mut pending = vec![root.join("repositories")];
+    let mut pending = vec![format!("{root}/repositories")];
     while let Some(folder) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for name in stored.list(&folder) {
+            let entry = format!("{folder}/{name}");
             if name != "_manifests" {
                 if !name.starts_with('_') {
-                    pending.push(entry.path());
+                    pending.push(entry);
                 }
                 continue;
             }
-            let Ok(tag_folders) = std::fs::read_dir(entry.path().join("tags")) else { continue };
-            for tag in tag_folders.flatten() {
-                let link = tag.path().join("current/link");
-                let Ok(digest) = std::fs::read_to_string(&link) else { continue };
+            for tag in stored.list(&format!("{entry}/tags")) {
+                let Some(digest) = stored.read(&format!("{entry}/tags/{tag}/current/link")) else { continue };
+                let digest = String::from_utf8(digest).expect("a link is text");
                 let hex = &digest["sha256:".len()..];
                 assert!(
-                    entry.path().join("revisions/sha256").join(hex).join("link").exists(),
-                    "tag {:?} points to a manifest the repository does not have",
-                    tag.file_name()
+                    stored.exists(&format!("{entry}/revisions/sha256/{hex}/link")),
+                    "tag {tag:?} points to a manifest the repository does not have"
                 );
-                let manifest: Value = serde_json::from_slice(&std::fs::read(blob_path(&digest)).unwrap()).unwrap();
+                let manifest = stored.read(&blob_path(&digest)).expect("a tagged manifest is stored");
+                let manifest: Value = serde_json::from_slice(&manifest).unwrap();
                 let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
                 for descriptor in std::iter::once(&manifest["config"]).chain(layers.iter()) {
                     let blob = descriptor["digest"].as_str().unwrap();
-                    assert!(blob_path(blob).exists(), "tagged manifest refers to missing blob {blob}");
-                    let layer_link = folder.join("_layers/sha256").join(&blob["sha256:".len()..]).join("link");
-                    assert!(layer_link.exists(), "tagged manifest refers to unlinked blob {blob}");
+                    assert!(stored.exists(&blob_path(blob)), "tagged manifest refers to missing blob {blob}");
+                    let layer_link = format!("{folder}/_layers/sha256/{}/link", &blob["sha256:".len()..]);
+                    assert!(stored.exists(&layer_link), "tagged manifest refers to unlinked blob {blob}");
                 }
                 tags += 1;
             }
@@ -200,12 +196,16 @@ async fn kill_during_commit_leaves_a_blob_whole_or_absent() {
             .body(counted_body(chunks, seed, sent, finished.clone()))
             .send();
         let upload = tokio::spawn(request);
-        let uploads = storage.join("docker/registry/v2/repositories/vd/ns/disk/_uploads");
+        let uploads = "docker/registry/v2/repositories/vd/ns/disk/_uploads";
         let total = (chunks * CHUNK) as u64;
+        let stored = StoredView::of(&storage);
+        // On S3 the data becomes visible only when the upload pauses or
+        // ends, so there the wait ends when the request does.
         let all_written = || {
-            std::fs::read_dir(&uploads).into_iter().flatten().flatten().any(|upload| {
-                std::fs::metadata(upload.path().join("data")).is_ok_and(|data| data.len() == total)
-            })
+            stored
+                .list(uploads)
+                .iter()
+                .any(|upload| stored.size(&format!("{uploads}/{upload}/data")) == Some(total))
         };
         wait_until(Duration::from_secs(60), || all_written() || upload.is_finished()).await;
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -266,11 +266,9 @@ async fn kill_during_manifest_and_tag_writes_never_leaves_a_broken_tag() {
             })
         };
         // Kill once some tags exist, at a different moment each round.
-        let tags = storage.join(format!("docker/registry/v2/repositories/vi/ns/img{round}/_manifests/tags"));
-        wait_until(Duration::from_secs(60), || {
-            std::fs::read_dir(&tags).is_ok_and(|entries| entries.count() >= 2)
-        })
-        .await;
+        let tags = format!("docker/registry/v2/repositories/vi/ns/img{round}/_manifests/tags");
+        let stored = StoredView::of(&storage);
+        wait_until(Duration::from_secs(60), || stored.list(&tags).len() >= 2).await;
         tokio::time::sleep(Duration::from_millis(round * 23)).await;
         server.kill9();
         pushing.await.unwrap();

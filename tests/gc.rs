@@ -10,26 +10,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::image::{self, pseudo_random, Image};
+use common::storage::{configure, StoredView};
 use common::{free_port, push_image, put_manifest, run, sha256_digest, Server, DVCR};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
 fn blob_files(storage: &Path) -> usize {
-    fn count(path: &Path) -> usize {
-        let Ok(entries) = std::fs::read_dir(path) else { return 0 };
-        entries
-            .filter_map(Result::ok)
-            .map(|entry| {
-                let path = entry.path();
-                if path.is_dir() {
-                    count(&path)
-                } else {
-                    usize::from(path.file_name().is_some_and(|name| name == "data"))
-                }
-            })
-            .sum()
-    }
-    count(&storage.join("docker/registry/v2/blobs"))
+    StoredView::of(storage)
+        .files("docker/registry/v2/blobs")
+        .iter()
+        .filter(|file| file.ends_with("/data"))
+        .count()
 }
 
 fn small_image(seed: u64, label: &str) -> Image {
@@ -83,7 +74,10 @@ async fn delete_manifest(client: &Client, server: &Server, repository: &str, ima
 }
 
 fn gc_report(storage: &Path, extra: &[&str]) -> Value {
-    let output = run(Command::new(DVCR).args(["gc", "--storage-dir"]).arg(storage).args(extra));
+    let mut command = Command::new(DVCR);
+    command.arg("gc");
+    configure(&mut command, storage);
+    let output = run(command.args(extra));
     serde_json::from_str(&output).expect("the report is JSON")
 }
 
@@ -139,9 +133,10 @@ async fn dvcr_gc_removes_unowned_repositories_idle_uploads_and_unreferenced_blob
 
     let empty = directory.path().join("empty");
     std::fs::write(&empty, "\n").unwrap();
-    let output = Command::new(DVCR)
-        .args(["gc", "--storage-dir"])
-        .arg(&storage)
+    let mut command = Command::new(DVCR);
+    command.arg("gc");
+    configure(&mut command, &storage);
+    let output = command
         .arg("--gc-live-repositories")
         .arg(&empty)
         .output()
@@ -223,7 +218,7 @@ async fn collection_while_pushing_and_pulling_loses_nothing() {
                 let image = small_image(seed, "first");
                 push_skipping_known_blobs(&client, &server, &repository, &format!("r{round}"), &image).await?;
                 pushes += 1;
-                if round % 2 == 0 {
+                if round.is_multiple_of(2) {
                     permanent.lock().unwrap().push((repository.clone(), format!("r{round}")));
                 } else {
                     // Untag it: its blobs are garbage once the grace window passes...

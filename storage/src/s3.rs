@@ -18,9 +18,11 @@
 //!   removes the state object.
 //!
 //! Moves are server-side copies then deletes; a file above 5 GiB is copied
-//! with `UploadPartCopy` ranges, never in one request. Deleting a folder
-//! also aborts the multipart uploads under it, so abandoned uploads free
-//! their parts.
+//! with `UploadPartCopy` ranges, never in one request. A writer leaves its
+//! state object as soon as it starts a multipart upload, and deleting a
+//! file or folder aborts the uploads its state objects name, so abandoned
+//! uploads (even of a replica that died) free their parts. A delete is one
+//! listing and one `DeleteObjects`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -92,7 +94,12 @@ pub struct S3Options {
 impl S3Options {
     /// Options with the defaults: path-style addressing, 8 MiB first parts,
     /// 256 MiB of part buffers, copies in 1 GiB parts above 5 GiB.
-    pub fn new(bucket: impl Into<String>, region: impl Into<String>, access_key_id: impl Into<String>, secret_access_key: impl Into<String>) -> Self {
+    pub fn new(
+        bucket: impl Into<String>,
+        region: impl Into<String>,
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<String>,
+    ) -> Self {
         S3Options {
             endpoint: None,
             bucket: bucket.into(),
@@ -159,7 +166,9 @@ impl S3Driver {
             )));
         }
         if options.copy_part_size < MIN_PART_SIZE || options.copy_part_size > MAX_PART_SIZE {
-            return Err(S3SetupError::Option("the copy part size must be between 5 MiB and 5 GiB".into()));
+            return Err(S3SetupError::Option(
+                "the copy part size must be between 5 MiB and 5 GiB".into(),
+            ));
         }
         if options.bucket.is_empty() {
             return Err(S3SetupError::Option("the bucket name is empty".into()));
@@ -227,6 +236,44 @@ impl S3Driver {
             .await
             .map_err(|error| remote(&format!("bucket {}", shared.bucket), error))?;
         Ok(())
+    }
+}
+
+impl S3Driver {
+    /// Keys of the multipart uploads open under the prefix: uploads being
+    /// written now, or abandoned ones that no state object names.
+    pub async fn incomplete_uploads(&self) -> Result<Vec<String>> {
+        let shared = &self.shared;
+        let root = StoragePath::root();
+        let mut keys = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = shared
+                .client
+                .list_multipart_uploads()
+                .bucket(&shared.bucket)
+                .prefix(&shared.prefix)
+                .set_key_marker(markers.0.clone())
+                .set_upload_id_marker(markers.1.clone())
+                .send()
+                .await
+                .map_err(|error| remote(root.as_str(), error))?;
+            keys.extend(
+                page.uploads()
+                    .iter()
+                    .filter_map(|upload| upload.key().map(str::to_string)),
+            );
+            match (page.is_truncated(), page.next_key_marker()) {
+                (Some(true), Some(key_marker)) => {
+                    markers = (
+                        Some(key_marker.to_string()),
+                        page.next_upload_id_marker().map(str::to_string),
+                    );
+                }
+                _ => break,
+            }
+        }
+        Ok(keys)
     }
 }
 
@@ -306,7 +353,11 @@ impl Shared {
         Ok(format!("{}/", self.key(path)?))
     }
 
-    async fn head(&self, key: &str, path: &StoragePath) -> Result<aws_sdk_s3::operation::head_object::HeadObjectOutput> {
+    async fn head(
+        &self,
+        key: &str,
+        path: &StoragePath,
+    ) -> Result<aws_sdk_s3::operation::head_object::HeadObjectOutput> {
         self.client
             .head_object()
             .bucket(&self.bucket)
@@ -333,7 +384,12 @@ impl Shared {
     }
 
     /// Lists keys (and, with a delimiter, common prefixes) under `prefix`.
-    async fn list_keys(&self, prefix: &str, delimiter: bool, path: &StoragePath) -> Result<(Vec<aws_sdk_s3::types::Object>, Vec<String>)> {
+    async fn list_keys(
+        &self,
+        prefix: &str,
+        delimiter: bool,
+        path: &StoragePath,
+    ) -> Result<(Vec<aws_sdk_s3::types::Object>, Vec<String>)> {
         let mut objects = Vec::new();
         let mut folders = Vec::new();
         let mut token: Option<String> = None;
@@ -347,7 +403,11 @@ impl Shared {
             }
             let page = request.send().await.map_err(|error| remote(path.as_str(), error))?;
             objects.extend(page.contents().iter().cloned());
-            folders.extend(page.common_prefixes().iter().filter_map(|common| common.prefix().map(str::to_string)));
+            folders.extend(
+                page.common_prefixes()
+                    .iter()
+                    .filter_map(|common| common.prefix().map(str::to_string)),
+            );
             match (page.is_truncated(), page.next_continuation_token()) {
                 (Some(true), Some(next)) => token = Some(next.to_string()),
                 _ => break,
@@ -356,50 +416,32 @@ impl Shared {
         Ok((objects, folders))
     }
 
-    /// Aborts every multipart upload at `key` or below `key/`.
-    async fn abort_uploads(&self, key: &str, path: &StoragePath) -> Result<()> {
-        let folder = format!("{key}/");
-        let mut markers: (Option<String>, Option<String>) = (None, None);
-        loop {
-            let page = self
-                .client
-                .list_multipart_uploads()
-                .bucket(&self.bucket)
-                .prefix(key)
-                .set_key_marker(markers.0.clone())
-                .set_upload_id_marker(markers.1.clone())
-                .send()
-                .await
-                .map_err(|error| remote(path.as_str(), error))?;
-            for upload in page.uploads() {
-                let (Some(upload_key), Some(id)) = (upload.key(), upload.upload_id()) else { continue };
-                if upload_key != key && !upload_key.starts_with(&folder) {
-                    continue;
-                }
-                match self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(upload_key)
-                    .upload_id(id)
-                    .send()
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(error) => match remote(path.as_str(), error) {
-                        StorageError::NotFound(_) => {}
-                        other => return Err(other),
-                    },
-                }
-            }
-            match (page.is_truncated(), page.next_key_marker(), page.next_upload_id_marker()) {
-                (Some(true), Some(key_marker), upload_marker) => {
-                    markers = (Some(key_marker.to_string()), upload_marker.map(str::to_string));
-                }
-                _ => break,
-            }
+    /// Aborts the multipart upload a writer's state object names.
+    async fn abort_upload_of(&self, state_key: &str, path: &StoragePath) -> Result<()> {
+        let Some(file_key) = state_key.strip_suffix(WRITER_STATE_SUFFIX) else {
+            return Ok(());
+        };
+        let Some((state, _)) = self.writer_state(file_key, path).await? else {
+            return Ok(());
+        };
+        let Some(upload_id) = state.upload_id else {
+            return Ok(());
+        };
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(file_key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) => match remote(path.as_str(), error) {
+                StorageError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
         }
-        Ok(())
     }
 
     async fn delete_keys(&self, keys: Vec<String>, path: &StoragePath) -> Result<()> {
@@ -523,7 +565,11 @@ impl Shared {
                 .and_then(|result| result.e_tag())
                 .unwrap_or_default()
                 .to_string();
-            parts.push(Part { number, etag, size: end + 1 - start });
+            parts.push(Part {
+                number,
+                etag,
+                size: end + 1 - start,
+            });
             start = end + 1;
             number += 1;
         }
@@ -533,7 +579,12 @@ impl Shared {
     async fn complete(&self, key: &str, upload_id: &str, parts: &[Part], path: &StoragePath) -> Result<()> {
         let completed = parts
             .iter()
-            .map(|part| CompletedPart::builder().part_number(part.number).e_tag(&part.etag).build())
+            .map(|part| {
+                CompletedPart::builder()
+                    .part_number(part.number)
+                    .e_tag(&part.etag)
+                    .build()
+            })
             .collect();
         self.client
             .complete_multipart_upload()
@@ -588,7 +639,11 @@ impl StorageDriver for S3Driver {
         if length == Some(0) {
             let size = shared.head(&key, path).await?.content_length().unwrap_or(0) as u64;
             if offset > size {
-                return Err(StorageError::InvalidOffset { path: path.as_str().to_string(), offset, size });
+                return Err(StorageError::InvalidOffset {
+                    path: path.as_str().to_string(),
+                    offset,
+                    size,
+                });
             }
             return Ok(empty());
         }
@@ -596,7 +651,15 @@ impl StorageDriver for S3Driver {
             Some(length) => format!("bytes={offset}-{}", offset.saturating_add(length) - 1),
             None => format!("bytes={offset}-"),
         };
-        let output = match shared.client.get_object().bucket(&shared.bucket).key(&key).range(range).send().await {
+        let output = match shared
+            .client
+            .get_object()
+            .bucket(&shared.bucket)
+            .key(&key)
+            .range(range)
+            .send()
+            .await
+        {
             Ok(output) => output,
             Err(error) if is_invalid_range(&error) => {
                 // Past the end, or exactly at it (an empty read).
@@ -604,7 +667,11 @@ impl StorageDriver for S3Driver {
                 if offset == size {
                     return Ok(empty());
                 }
-                return Err(StorageError::InvalidOffset { path: path.as_str().to_string(), offset, size });
+                return Err(StorageError::InvalidOffset {
+                    path: path.as_str().to_string(),
+                    offset,
+                    size,
+                });
             }
             Err(error) => return Err(remote(path.as_str(), error)),
         };
@@ -667,7 +734,12 @@ impl StorageDriver for S3Driver {
     async fn stat(&self, path: &StoragePath) -> Result<FileInfo> {
         let shared = &self.shared;
         if path.is_root() {
-            return Ok(FileInfo { path: path.clone(), size: 0, modified: SystemTime::now(), is_dir: true });
+            return Ok(FileInfo {
+                path: path.clone(),
+                size: 0,
+                modified: SystemTime::now(),
+                is_dir: true,
+            });
         }
         let key = shared.key(path)?;
         match shared.head(&key, path).await {
@@ -749,18 +821,32 @@ impl StorageDriver for S3Driver {
 
     async fn delete(&self, path: &StoragePath) -> Result<()> {
         let shared = &self.shared;
-        let mut keys = Vec::new();
-        let below = shared.folder_prefix(path)?;
-        if !path.is_root() {
-            let key = shared.key(path)?;
-            shared.abort_uploads(&key, path).await?;
-            keys.push(format!("{key}{WRITER_STATE_SUFFIX}"));
-            keys.push(key);
+        // One listing finds the file, its writer state and all below it
+        // (and siblings sharing the prefix, which are left alone).
+        let (listing, exact) = if path.is_root() {
+            (shared.prefix.clone(), None)
         } else {
-            shared.abort_uploads(&below, path).await?;
+            let key = shared.key(path)?;
+            (key.clone(), Some(key))
+        };
+        let (objects, _) = shared.list_keys(&listing, false, path).await?;
+        let mut keys = Vec::new();
+        for key in objects.iter().filter_map(|object| object.key()) {
+            let belongs = match &exact {
+                None => true,
+                Some(exact) => {
+                    let rest = &key[exact.len()..];
+                    rest.is_empty() || rest == WRITER_STATE_SUFFIX || rest.starts_with('/')
+                }
+            };
+            if !belongs {
+                continue;
+            }
+            if key.ends_with(WRITER_STATE_SUFFIX) {
+                shared.abort_upload_of(key, path).await?;
+            }
+            keys.push(key.to_string());
         }
-        let (objects, _) = shared.list_keys(&below, false, path).await?;
-        keys.extend(objects.iter().filter_map(|object| object.key().map(str::to_string)));
         shared.delete_keys(keys, path).await
     }
 
@@ -804,7 +890,12 @@ fn paused_writer_info(path: StoragePath, head: &aws_sdk_s3::operation::head_obje
         .and_then(|metadata| metadata.get(SIZE_METADATA))
         .and_then(|size| size.parse().ok())
         .unwrap_or(0);
-    FileInfo { path, size, modified: time_of(head.last_modified()), is_dir: false }
+    FileInfo {
+        path,
+        size,
+        modified: time_of(head.last_modified()),
+        is_dir: false,
+    }
 }
 
 /// A part on its way to the bucket, with the room its bytes hold.
@@ -860,6 +951,9 @@ impl S3Writer {
             });
         }
         self.upload_id = Some(id.clone());
+        // From now on a state object names the upload, so that deleting the
+        // file (an abandoned upload, even one whose server died) aborts it.
+        self.save_state().await?;
         Ok(id)
     }
 
@@ -907,7 +1001,11 @@ impl S3Writer {
                 .send()
                 .await
                 .map_err(|error| remote(&path, error))?;
-            Ok(Part { number, etag: output.e_tag().unwrap_or_default().to_string(), size })
+            Ok(Part {
+                number,
+                etag: output.e_tag().unwrap_or_default().to_string(),
+                size,
+            })
         });
         self.sending = Some((task, size));
         Ok(())
@@ -915,7 +1013,11 @@ impl S3Writer {
 
     /// Leaves the state object that lets any replica resume this file.
     async fn save_state(&mut self) -> Result<()> {
-        let state = WriterState { upload_id: self.upload_id.clone(), parts: self.parts.clone() };
+        let state = WriterState {
+            upload_id: self.upload_id.clone(),
+            parts: self.parts.clone(),
+        };
+        let recorded: u64 = state.parts.iter().map(|part| part.size).sum();
         let mut content = serde_json::to_vec(&state).map_err(|error| StorageError::ObjectStore {
             path: self.path.as_str().to_string(),
             message: error.to_string(),
@@ -928,7 +1030,7 @@ impl S3Writer {
             .put_object()
             .bucket(&shared.bucket)
             .key(format!("{}{WRITER_STATE_SUFFIX}", self.key))
-            .metadata(SIZE_METADATA, self.size().to_string())
+            .metadata(SIZE_METADATA, (recorded + self.buffer.len() as u64).to_string())
             .body(S3Body::from(content))
             .send()
             .await
@@ -1034,8 +1136,15 @@ mod tests {
     fn reserved_names_are_refused() {
         let driver = S3Driver::new(S3Options::new("b", "r", "k", "s")).unwrap();
         let reserved = StoragePath::new("uploads/x/data.dvcr-upload").unwrap();
-        assert!(matches!(driver.shared.key(&reserved), Err(StorageError::InvalidPath { .. })));
-        assert!(S3Driver::new(S3Options { part_size: 1 << 20, ..S3Options::new("b", "r", "k", "s") }).is_err());
+        assert!(matches!(
+            driver.shared.key(&reserved),
+            Err(StorageError::InvalidPath { .. })
+        ));
+        assert!(S3Driver::new(S3Options {
+            part_size: 1 << 20,
+            ..S3Options::new("b", "r", "k", "s")
+        })
+        .is_err());
     }
 
     fn path(text: &str) -> StoragePath {
@@ -1044,14 +1153,18 @@ mod tests {
 
     async fn read_all(driver: &S3Driver, at: &str, offset: u64, length: Option<u64>) -> Vec<u8> {
         use futures::TryStreamExt;
-        let chunks: Vec<Bytes> = driver.read(&path(at), offset, length).await.unwrap().try_collect().await.unwrap();
+        let chunks: Vec<Bytes> = driver
+            .read(&path(at), offset, length)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
         chunks.concat()
     }
 
     async fn open_uploads(driver: &S3Driver) -> usize {
-        let shared = &driver.shared;
-        let page = shared.client.list_multipart_uploads().bucket(&shared.bucket).send().await.unwrap();
-        page.uploads().len()
+        driver.incomplete_uploads().await.unwrap().len()
     }
 
     /// Small parts and a small copy limit, so that a few MiB exercise
@@ -1081,7 +1194,9 @@ mod tests {
         let garage = crate::testing::Garage::start();
         garage.create_bucket("multipart");
         let (first, second) = (small_parts(&garage, "multipart"), small_parts(&garage, "multipart"));
-        let content: Vec<u8> = (0..23_000_017u32).map(|index| (index.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let content: Vec<u8> = (0..23_000_017u32)
+            .map(|index| (index.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
 
         // 9 MB through the first replica, in odd chunks, then a pause.
         let mut writer = first.writer(&path("uploads/u/data"), false).await.unwrap();
@@ -1103,20 +1218,42 @@ mod tests {
         }
         assert_eq!(writer.commit().await.unwrap(), content.len() as u64);
         assert_eq!(open_uploads(&first).await, 0);
-        assert_eq!(first.list(&path("uploads/u")).await.unwrap(), vec!["data"], "no state object is left");
+        assert_eq!(
+            first.list(&path("uploads/u")).await.unwrap(),
+            vec!["data"],
+            "no state object is left"
+        );
         assert_eq!(read_all(&first, "uploads/u/data", 0, None).await, content);
-        assert_eq!(read_all(&first, "uploads/u/data", 5_242_870, Some(20)).await, &content[5_242_870..5_242_890]);
+        assert_eq!(
+            read_all(&first, "uploads/u/data", 5_242_870, Some(20)).await,
+            &content[5_242_870..5_242_890]
+        );
 
         // A move above the single-copy limit goes in parts.
-        first.move_file(&path("uploads/u/data"), &path("blobs/b/data")).await.unwrap();
+        first
+            .move_file(&path("uploads/u/data"), &path("blobs/b/data"))
+            .await
+            .unwrap();
         assert!(first.stat(&path("uploads/u/data")).await.unwrap_err().is_not_found());
         assert_eq!(read_all(&second, "blobs/b/data", 0, None).await, content);
 
         // Deleting a folder aborts the multipart uploads under it.
         let mut writer = first.writer(&path("uploads/v/data"), false).await.unwrap();
-        writer.write(Bytes::copy_from_slice(&content[..6_000_000])).await.unwrap();
+        writer
+            .write(Bytes::copy_from_slice(&content[..6_000_000]))
+            .await
+            .unwrap();
         writer.close().await.unwrap();
         assert_eq!(open_uploads(&first).await, 1);
+        // A writer whose server died before pausing it is found too.
+        let mut writer = second.writer(&path("uploads/w/data"), false).await.unwrap();
+        writer
+            .write(Bytes::copy_from_slice(&content[..6_000_000]))
+            .await
+            .unwrap();
+        drop(writer);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(open_uploads(&first).await, 2);
         first.delete(&path("uploads")).await.unwrap();
         assert_eq!(open_uploads(&first).await, 0);
         assert!(first.list(&path("uploads")).await.unwrap_err().is_not_found());

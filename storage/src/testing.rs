@@ -2,11 +2,12 @@
 //! own folder, ports, key and buckets, stopped when dropped.
 //!
 //! The binary is `$DVCR_GARAGE`, else `garage` on the `PATH`, else the one
-//! the test command caches in `~/.cache/dvcr/garage-<version>/bin`. A test
+//! the test command caches in `${DVCR_CACHE:-~/.cache/dvcr}/garage-<version>/bin`. A test
 //! that needs Garage fails, with a message saying how to get it, when none
 //! is found; it never skips.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,8 +48,14 @@ pub fn garage_binary() -> Result<PathBuf, String> {
             }
         }
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let cached = home.join(format!(".cache/dvcr/garage-{GARAGE_VERSION}/bin/garage"));
+    let cache = match std::env::var_os("DVCR_CACHE") {
+        Some(cache) => PathBuf::from(cache),
+        None => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(".cache/dvcr"),
+    };
+    let cached = cache.join(format!("garage-{GARAGE_VERSION}/bin/garage"));
     if cached.is_file() {
         return Ok(cached);
     }
@@ -102,13 +109,24 @@ api_bind_addr = "127.0.0.1:{admin}"
         std::fs::write(&config, text).unwrap_or_else(|error| panic!("cannot write the Garage config: {error}"));
         let log = std::fs::File::create(folder.path().join("garage.log"))
             .unwrap_or_else(|error| panic!("cannot create the Garage log: {error}"));
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .arg("-c")
             .arg(&config)
             .arg("server")
             .env("RUST_LOG", "garage=warn")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        // Garage dies with the thread that started it, even when a test
+        // process ends without dropping it (a static shared by its tests).
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .spawn()
             .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
         let mut garage = Garage {
@@ -164,7 +182,11 @@ api_bind_addr = "127.0.0.1:{admin}"
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("garage exited at start ({status}): {}", self.log());
             }
-            let output = Command::new(&self.binary).arg("-c").arg(&self.config).args(["node", "id", "-q"]).output();
+            let output = Command::new(&self.binary)
+                .arg("-c")
+                .arg(&self.config)
+                .args(["node", "id", "-q"])
+                .output();
             if let Ok(output) = output {
                 if output.status.success() {
                     let text = String::from_utf8_lossy(&output.stdout);
@@ -185,7 +207,10 @@ api_bind_addr = "127.0.0.1:{admin}"
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(&address).is_err() {
             if Instant::now() > deadline {
-                panic!("garage's S3 endpoint {address} did not open within 30 s: {}", self.log());
+                panic!(
+                    "garage's S3 endpoint {address} did not open within 30 s: {}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -194,7 +219,16 @@ api_bind_addr = "127.0.0.1:{admin}"
     /// Creates a bucket owned by the test key.
     pub fn create_bucket(&self, name: &str) {
         self.run(&["bucket", "create", name]);
-        self.run(&["bucket", "allow", "--read", "--write", "--owner", name, "--key", &self.access_key_id]);
+        self.run(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            name,
+            "--key",
+            &self.access_key_id,
+        ]);
     }
 
     /// Driver options for `bucket`, with the default part sizes.

@@ -66,7 +66,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// Runs `ctr` against this daemon in the test namespace.
     pub fn ctr(&self, arguments: &[&str]) -> String {
         let mut command = Command::new(require_tool("ctr"));
-        command.args(["--address", &self.socket, "--namespace", "dvcr-test"]).args(arguments);
+        command
+            .args(["--address", &self.socket, "--namespace", "dvcr-test"])
+            .args(arguments);
         run(&mut command)
     }
 }
@@ -85,7 +87,13 @@ pub fn pull_and_compare(containerd: &Containerd, reference: &str, mount_point: &
 
 /// Pulls `reference` with extra `ctr images pull` flags (credentials, CA),
 /// mounts it and compares files.
-pub fn pull_with_and_compare(containerd: &Containerd, flags: &[&str], reference: &str, mount_point: &Path, expected: &[(&str, &[u8])]) {
+pub fn pull_with_and_compare(
+    containerd: &Containerd,
+    flags: &[&str],
+    reference: &str,
+    mount_point: &Path,
+    expected: &[(&str, &[u8])],
+) {
     let mut arguments = vec!["images", "pull"];
     arguments.extend_from_slice(flags);
     arguments.extend_from_slice(&["--snapshotter", "native", reference]);
@@ -103,7 +111,11 @@ pub fn pull_with_and_compare(containerd: &Containerd, flags: &[&str], reference:
         .iter()
         .map(|(path, content)| match std::fs::read(mount_point.join(path)) {
             Ok(found) if found == *content => Ok(()),
-            Ok(found) => Err(format!("{path}: {} bytes differ from the {} pushed", found.len(), content.len())),
+            Ok(found) => Err(format!(
+                "{path}: {} bytes differ from the {} pushed",
+                found.len(),
+                content.len()
+            )),
             Err(error) => Err(format!("{path}: {error}")),
         })
         .collect();
@@ -112,4 +124,3 @@ pub fn pull_with_and_compare(containerd: &Containerd, flags: &[&str], reference:
         result.unwrap();
     }
 }
-

@@ -50,7 +50,9 @@ pub fn tar(entries: &[(&str, u32, Option<&[u8]>)]) -> Vec<u8> {
             None => {
                 header.set_entry_type(tar::EntryType::Directory);
                 header.set_size(0);
-                builder.append_data(&mut header, path, std::io::empty()).expect("tar folder");
+                builder
+                    .append_data(&mut header, path, std::io::empty())
+                    .expect("tar folder");
             }
         }
     }
@@ -154,7 +156,10 @@ pub fn pseudo_random(length: usize, seed: u64) -> Vec<u8> {
 pub fn multi_layer_image(seed: u64) -> Image {
     let layers = vec![
         tar(&[("etc", 0o755, None), ("etc/hostname", 0o644, Some(b"dvcr-test\n"))]),
-        tar(&[("data", 0o755, None), ("data/random.bin", 0o644, Some(&pseudo_random(3 << 20, seed)))]),
+        tar(&[
+            ("data", 0o755, None),
+            ("data/random.bin", 0o644, Some(&pseudo_random(3 << 20, seed))),
+        ]),
         tar(&[("data/more.bin", 0o644, Some(&pseudo_random(700_000, seed + 1)))]),
     ];
     image(layers, true, false, json!({ "test": "multi-layer" }))

@@ -6,6 +6,7 @@
 pub mod containerd;
 pub mod image;
 pub mod pki;
+pub mod storage;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -36,7 +37,9 @@ pub fn require_tool(name: &str) -> PathBuf {
             return candidate;
         }
     }
-    panic!("required tool `{name}` is not installed: run the README's test command (scripts/test.sh), which installs it");
+    panic!(
+        "required tool `{name}` is not installed: run the README's test command (scripts/test.sh), which installs it"
+    );
 }
 
 /// `sha256:<hex>` of some bytes.
@@ -49,7 +52,7 @@ pub struct Server {
     child: Option<Child>,
     /// `127.0.0.1:PORT`
     pub address: String,
-    /// The storage folder.
+    /// The storage folder (on S3, the name of the bucket's stand-in).
     pub storage: PathBuf,
     log: PathBuf,
 }
@@ -74,9 +77,10 @@ impl Server {
             .append(true)
             .open(&log)
             .expect("cannot create the server log");
-        let child = Command::new(DVCR)
-            .args(["serve", "--listen", &address, "--storage-dir"])
-            .arg(storage)
+        let mut command = Command::new(DVCR);
+        command.args(["serve", "--listen", &address]);
+        storage::configure(&mut command, storage);
+        let child = command
             .args(extra)
             .env("DVCR_LOG", "info")
             .stdin(Stdio::null())
@@ -102,12 +106,23 @@ impl Server {
                     panic!("dvcr serve exited with {status}; log:\n{}", self.log());
                 }
             }
-            if std::net::TcpStream::connect(&self.address).is_ok() {
+            let log = self.log();
+            if log.contains("registry serving") && std::net::TcpStream::connect(&self.address).is_ok() {
+                // The S3 run must really be on S3, never quietly on a folder.
+                let expected = if storage::on_s3() { "s3 bucket" } else { "folder" };
+                assert!(
+                    log.contains(expected),
+                    "the server does not say it stores in a {expected}:\n{log}"
+                );
                 return;
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("dvcr serve did not listen on {} within 20 s; log:\n{}", self.address, self.log());
+        panic!(
+            "dvcr serve did not listen on {} within 20 s; log:\n{}",
+            self.address,
+            self.log()
+        );
     }
 
     /// `http://127.0.0.1:PORT` + `path`.
@@ -148,7 +163,10 @@ impl Drop for Server {
 pub fn wait_for_listener(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on port {port} within 20 s");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on port {port} within 20 s"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -156,7 +174,9 @@ pub fn wait_for_listener(port: u16, what: &str) {
 /// Runs a command and returns its stdout, failing the test with its output
 /// when it fails.
 pub fn run(command: &mut Command) -> String {
-    let output = command.output().unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
     if !output.status.success() {
         panic!(
             "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -172,11 +192,16 @@ pub fn run(command: &mut Command) -> String {
 /// (monolithic blob uploads, then the manifest).
 pub async fn push_image(client: &reqwest::Client, server: &Server, repository: &str, tag: &str, image: &image::Image) {
     for blob in image.blobs() {
-        let url = server.url(&format!("/v2/{repository}/blobs/uploads/?digest={}", sha256_digest(blob)));
+        let url = server.url(&format!(
+            "/v2/{repository}/blobs/uploads/?digest={}",
+            sha256_digest(blob)
+        ));
         let response = client.post(url).body(blob.to_vec()).send().await.expect("blob push");
         assert_eq!(response.status(), 201, "blob push: {:?}", response.text().await);
     }
-    let response = put_manifest(client, server, repository, tag, image).await.expect("manifest push");
+    let response = put_manifest(client, server, repository, tag, image)
+        .await
+        .expect("manifest push");
     assert_eq!(response.status(), 201, "manifest push: {:?}", response.text().await);
 }
 

@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 
 /// PEM files of a test CA and the certificates it signed.
 pub struct TestPki {
@@ -21,7 +24,12 @@ pub struct TestPki {
     pub client_key: PathBuf,
 }
 
-fn leaf(name: &str, alt_names: &[&str], usage: ExtendedKeyUsagePurpose, issuer: &CertifiedIssuer<'_, KeyPair>) -> (String, String) {
+fn leaf(
+    name: &str,
+    alt_names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+    issuer: &CertifiedIssuer<'_, KeyPair>,
+) -> (String, String) {
     let mut params = CertificateParams::new(alt_names.iter().map(|name| name.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
@@ -38,9 +46,18 @@ impl TestPki {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, "dvcr test CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let (server_cert, server_key) = leaf("dvcr", &["127.0.0.1", "localhost"], ExtendedKeyUsagePurpose::ServerAuth, &ca);
+        let (server_cert, server_key) = leaf(
+            "dvcr",
+            &["127.0.0.1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &ca,
+        );
         let (client_cert, client_key) = leaf("a client", &[], ExtendedKeyUsagePurpose::ClientAuth, &ca);
         let write = |name: &str, text: &str| {
             let path = directory.join(name);
