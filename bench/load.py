@@ -140,6 +140,7 @@ def main():
             pulled += int(output[1])
     pull_seconds = time.perf_counter() - started
     pull_latency = sampler.stop()
+    pull_peak_rss = peak_rss_mib(arguments.pid, reset=True)
 
     # Concurrent pushes of distinct blobs.
     sampler = ManifestSampler(base, manifest_path)
@@ -169,11 +170,23 @@ def main():
                  "aggregate_mb_s": round(pushed / push_seconds / 1e6), "errors": push_errors, "manifest_get": push_latency},
     }
     if arguments.pid:
-        with open(f"/proc/{arguments.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM"):
-                    report["peak_rss_mib"] = int(line.split()[1]) // 1024
+        report["pull"]["peak_rss_mib"] = pull_peak_rss
+        report["push"]["peak_rss_mib"] = peak_rss_mib(arguments.pid, reset=False)
+        report["peak_rss_mib"] = max(report["pull"]["peak_rss_mib"], report["push"]["peak_rss_mib"])
     print(json.dumps(report))
+
+
+def peak_rss_mib(pid, reset):
+    """The process's peak RSS so far (VmHWM); with reset, the peak starts
+    again from the current RSS (clear_refs 5), so each phase has its own."""
+    if not pid:
+        return None
+    with open(f"/proc/{pid}/status") as status:
+        peak = next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM"))
+    if reset:
+        with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    return peak
 
 
 if __name__ == "__main__":

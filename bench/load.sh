@@ -2,8 +2,9 @@
 # Load test: 64 clients pulling the same 1 GiB blob at once (containerd's
 # thundering herd on a fresh image), then 16 concurrent pushes of distinct
 # 256 MiB blobs, with manifest GETs timed throughout, against `dvcr serve`
-# (filesystem) and Debian's docker-registry (CNCF Distribution) in the same
-# run, on loopback. Prints each registry's figures and the ratios.
+# and Debian's docker-registry (CNCF Distribution) in the same run, on
+# loopback, both on folders or (STORAGE=s3) both on buckets of a local
+# Garage. Prints each registry's figures and the ratios.
 #
 #   bench/load.sh [HERD_MIB] [PUSH_MIB]        (default 1024 256)
 #
@@ -58,7 +59,7 @@ for name, report in (("dvcr", dvcr), ("distribution", distribution)):
         m = r["manifest_get"]
         print(f"  {name:12} {phase}: {r['clients']} clients, {r['aggregate_mb_s']} MB/s aggregate in {r['seconds']} s, "
               f"errors {r['errors']}; manifest GET p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms ({m['samples']} samples, {m['errors']} errors)")
-    print(f"  {name:12} peak RSS {report.get('peak_rss_mib')} MiB")
+    print(f"  {name:12} peak RSS {report.get('peak_rss_mib')} MiB (pull {report['pull'].get('peak_rss_mib')}, push {report['push'].get('peak_rss_mib')})")
 for phase in ("pull", "push"):
     print(f"{phase} ratio dvcr/distribution: {dvcr[phase]['aggregate_mb_s'] / distribution[phase]['aggregate_mb_s']:.2f}x")
 PY

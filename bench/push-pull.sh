@@ -6,7 +6,8 @@
 #
 #   bench/push-pull.sh [SIZE_MIB]      (default 1024)
 #
-# Environment: BENCH_DIR (default /var/tmp/dvcr-bench), ROUNDS (default 3).
+# Environment: BENCH_DIR (default /var/tmp/dvcr-bench), ROUNDS (default 3),
+# STORAGE=s3 to run both registries on buckets of a local Garage instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,9 +40,17 @@ push() {
     curl -sf -o /dev/null -T "$blob" -H 'Content-Type: application/octet-stream' \
         -w '%{speed_upload}\n' "$location${separator}digest=$digest"
 }
-# pull PORT REPO -> prints bytes/s of one GET
+# pull PORT REPO -> prints bytes/s of one GET; stops the bench when the
+# answer is not the whole blob.
 pull() {
-    curl -sf -o /dev/null -w '%{speed_download}\n' "http://127.0.0.1:$1/v2/$2/blobs/$digest"
+    local code size speed
+    read -r code size speed < <(curl -s -o /dev/null -w '%{http_code} %{size_download} %{speed_download}\n' \
+        "http://127.0.0.1:$1/v2/$2/blobs/$digest")
+    if [ "$code" != 200 ] || [ "$size" != $((size_mib << 20)) ]; then
+        echo "pull from port $1 answered $code with $size bytes" >&2
+        exit 1
+    fi
+    echo "$speed"
 }
 median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 mbps() { python3 -c 'import sys; print(f"{float(sys.argv[1])/1e6:.0f} MB/s")' "$1"; }
@@ -61,7 +70,7 @@ for round in $(seq "$rounds"); do
 done
 
 echo
-echo "blob: ${size_mib} MiB, $rounds rounds, median of each; machine: $(nproc) cores, $(uname -r)"
+echo "blob: ${size_mib} MiB, $rounds rounds, median of each, storage ${STORAGE:-filesystem}; machine: $(nproc) cores, $(uname -r)"
 for name in dvcr distribution; do
     echo "  $name: push $(mbps "$(median ${push_results[$name]})") [${push_results[$name]} ]"
     echo "  $name: pull $(mbps "$(median ${pull_results[$name]})") [${pull_results[$name]} ]"

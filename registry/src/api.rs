@@ -501,8 +501,7 @@ async fn get_manifest(
 ) -> RegistryResult<Response> {
     let reference = Reference::parse(reference)?;
     let unknown = || RegistryError::manifest_unknown(format!("manifest {} is not in repository {name}", describe(&reference)));
-    let digest = store.resolve(name, &reference).await?.ok_or_else(unknown)?;
-    let content = store.manifest_content(&digest).await?.ok_or_else(unknown)?;
+    let (digest, content) = store.manifest(name, &reference).await?.ok_or_else(unknown)?;
     let media_type = manifest::stored_media_type(&content);
     let accept: Vec<String> = headers
         .get_all(header::ACCEPT)

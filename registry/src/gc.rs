@@ -15,9 +15,10 @@
 //!   their content is older;
 //! - a lock: requests that look a blob up or store a manifest naming it
 //!   hold the lock shared; the collector holds it exclusively only while it
-//!   checks and deletes one blob. So a blob is either deleted before a
-//!   client looks at it (the client then uploads it again) or seen, noted
-//!   and kept; it never disappears under a manifest that was accepted.
+//!   checks and deletes a batch of blobs (16, concurrently). So a blob is
+//!   either deleted before a client looks at it (the client then uploads
+//!   it again) or seen, noted and kept; it never disappears under a
+//!   manifest that was accepted.
 //!
 //! The lock and the notes live in one process: the collector of
 //! `dvcr serve --gc-interval` is protected by both. `dvcr gc` from another
@@ -268,38 +269,35 @@ impl Store {
             }
         }
 
-        // Sweep.
+        // Sweep, a batch of blobs per hold of the exclusive lock, deleted
+        // concurrently: on S3 each blob costs a few requests, and one at a
+        // time a collection of thousands would take minutes.
         let blobs = match driver.walk(&layout::blobs()?).await {
             Ok(blobs) => blobs,
             Err(error) if error.is_not_found() => Vec::new(),
             Err(error) => return Err(error.into()),
         };
+        let mut unmarked = Vec::new();
         for blob in blobs {
             let Some(digest) = layout::digest_of_blob_data(&blob.path) else { continue };
             if marked.contains(&digest) || blob.modified >= cutoff {
                 report.blobs_kept += 1;
-                continue;
+            } else {
+                unmarked.push(digest);
             }
+        }
+        for batch in unmarked.chunks(SWEEP_BATCH) {
             let _exclusive = self.collector.lock.write().await;
-            if self.collector.referenced_since(&digest, noted_cutoff) {
-                report.blobs_kept += 1;
-                continue;
-            }
-            let data = layout::blob_data(&digest)?;
-            let info = match driver.stat(&data).await {
-                Ok(info) => info,
-                Err(error) if error.is_not_found() => continue,
-                Err(error) => return Err(error.into()),
-            };
-            if info.modified >= cutoff {
-                report.blobs_kept += 1;
-                continue;
-            }
-            report.blobs_removed += 1;
-            report.bytes_freed += info.size;
-            if !options.dry_run {
-                if let Some(folder) = data.parent() {
-                    driver.delete(&folder).await?;
+            let sweeps = batch.iter().map(|digest| self.sweep_blob(digest, cutoff, noted_cutoff, options.dry_run));
+            let outcomes = futures::future::join_all(sweeps).await;
+            for outcome in outcomes {
+                match outcome? {
+                    Swept::Kept => report.blobs_kept += 1,
+                    Swept::Removed { size } => {
+                        report.blobs_removed += 1;
+                        report.bytes_freed += size;
+                    }
+                    Swept::AlreadyGone => {}
                 }
             }
         }
@@ -319,6 +317,51 @@ impl Store {
             "garbage collection finished"
         );
         Ok(report)
+    }
+}
+
+/// Blobs checked and deleted together under one hold of the exclusive
+/// lock (and in flight at once).
+const SWEEP_BATCH: usize = 16;
+
+/// What the sweep did with one unmarked blob.
+enum Swept {
+    /// Referenced or rewritten since the collection started.
+    Kept,
+    /// Deleted (or, in a dry run, would be).
+    Removed { size: u64 },
+    /// Deleted by someone else meanwhile.
+    AlreadyGone,
+}
+
+impl Store {
+    /// Deletes one unmarked blob unless a request noted it or it was
+    /// written since `cutoff`; the caller holds the exclusive lock.
+    async fn sweep_blob(
+        &self,
+        digest: &Digest,
+        cutoff: SystemTime,
+        noted_cutoff: Instant,
+        dry_run: bool,
+    ) -> RegistryResult<Swept> {
+        if self.collector.referenced_since(digest, noted_cutoff) {
+            return Ok(Swept::Kept);
+        }
+        let data = layout::blob_data(digest)?;
+        let info = match self.driver().stat(&data).await {
+            Ok(info) => info,
+            Err(error) if error.is_not_found() => return Ok(Swept::AlreadyGone),
+            Err(error) => return Err(error.into()),
+        };
+        if info.modified >= cutoff {
+            return Ok(Swept::Kept);
+        }
+        if !dry_run {
+            if let Some(folder) = data.parent() {
+                self.driver().delete(&folder).await?;
+            }
+        }
+        Ok(Swept::Removed { size: info.size })
     }
 }
 

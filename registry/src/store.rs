@@ -360,17 +360,37 @@ impl Store {
 
     // ----- manifests and tags -----
 
+    /// The digest itself, or the one a tag points to (not yet checked
+    /// against the repository's revisions).
+    async fn named_digest(&self, name: &RepositoryName, reference: &Reference) -> RegistryResult<Option<Digest>> {
+        match reference {
+            Reference::Digest(digest) => Ok(Some(digest.clone())),
+            Reference::Tag(tag) => self.read_link(&layout::tag_current_link(name, tag)?).await,
+        }
+    }
+
     /// The digest a reference names in `name`, if the repository has it.
     pub async fn resolve(&self, name: &RepositoryName, reference: &Reference) -> RegistryResult<Option<Digest>> {
-        let digest = match reference {
-            Reference::Digest(digest) => digest.clone(),
-            Reference::Tag(tag) => match self.read_link(&layout::tag_current_link(name, tag)?).await? {
-                Some(digest) => digest,
-                None => return Ok(None),
-            },
-        };
+        let Some(digest) = self.named_digest(name, reference).await? else { return Ok(None) };
         match self.read_link(&layout::revision_link(name, &digest)?).await? {
             Some(linked) if linked == digest => Ok(Some(digest)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The digest and bytes of the manifest a reference names in `name`.
+    /// The revision link and the content are read at once: on S3 each read
+    /// is a round trip, and a manifest GET under load waits for every one.
+    pub async fn manifest(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+    ) -> RegistryResult<Option<(Digest, Bytes)>> {
+        let Some(digest) = self.named_digest(name, reference).await? else { return Ok(None) };
+        let revision = layout::revision_link(name, &digest)?;
+        let (linked, content) = tokio::try_join!(self.read_link(&revision), self.manifest_content(&digest))?;
+        match (linked, content) {
+            (Some(linked), Some(content)) if linked == digest => Ok(Some((digest, content))),
             _ => Ok(None),
         }
     }

@@ -111,7 +111,7 @@ impl S3Options {
             ca_bundle: None,
             path_style: true,
             part_size: 8 * 1024 * 1024,
-            buffer_memory: 256 * 1024 * 1024,
+            buffer_memory: 128 * 1024 * 1024,
             max_single_copy: MAX_PART_SIZE,
             copy_part_size: 1024 * 1024 * 1024,
         }
