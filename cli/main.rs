@@ -212,6 +212,9 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the S3 bucket is tried at start (over about 12 s).
+const BUCKET_CHECK_ATTEMPTS: u32 = 6;
+
 /// Where the registry keeps its data: a folder, or an S3 bucket.
 #[derive(clap::Args)]
 struct StorageArgs {
@@ -286,10 +289,20 @@ impl StorageArgs {
         }
         let driver = dvcr_storage::s3::S3Driver::new(options)?;
         let place = format!("s3 bucket {bucket} at {}", self.s3_endpoint.as_deref().unwrap_or("AWS"));
-        driver
-            .check_bucket()
-            .await
-            .with_context(|| format!("cannot use the {place}: check the endpoint, bucket, region and credentials"))?;
+        // An endpoint starting beside us (a pod of the same rollout, a
+        // freshly started server) may refuse or reset connections for a
+        // moment: try for a while before giving up.
+        let mut attempt = 1;
+        while let Err(error) = driver.check_bucket().await {
+            if attempt == BUCKET_CHECK_ATTEMPTS {
+                return Err(anyhow::Error::new(error).context(format!(
+                    "cannot use the {place} ({attempt} attempts): check the endpoint, bucket, region and credentials"
+                )));
+            }
+            tracing::warn!(%error, attempt, "the {place} does not answer yet; trying again");
+            tokio::time::sleep(std::time::Duration::from_millis(250 << attempt.min(4))).await;
+            attempt += 1;
+        }
         Ok((Arc::new(driver), place))
     }
 }

@@ -237,3 +237,46 @@ async fn a_replica_killed_mid_push_leaves_nothing_visible_and_collection_frees_i
         .unwrap();
     assert!(pulled.bytes().await.unwrap() == content);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_that_answers_late_is_waited_for_and_one_that_never_does_stops_the_server() {
+    force_s3();
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("bucket");
+    let serve = |port: u16| {
+        let mut command = Command::new(DVCR);
+        command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+        configure(&mut command, &storage);
+        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        command
+    };
+
+    // Refused throughout: the server gives up, naming the bucket and why.
+    common::storage::break_storage(&storage, true);
+    let started = Instant::now();
+    let output = serve(free_port()).output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{log}");
+    assert!(log.contains("does not answer yet; trying again"), "{log}");
+    assert!(log.contains("cannot use the s3 bucket dvcr-") && log.contains("(6 attempts)"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(60), "gave up after {:?}", started.elapsed());
+
+    // Refused for the first seconds only: the server waits and then serves.
+    let port = free_port();
+    let mut child = serve(port).stderr(std::process::Stdio::null()).spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::storage::break_storage(&storage, false);
+    let client = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answered = loop {
+        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/v2/")).send().await {
+            break response.status();
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the server stopped although the bucket came back");
+        assert!(Instant::now() < deadline, "the server did not start within 30 s of the bucket coming back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answered, StatusCode::OK);
+    child.kill().unwrap();
+    let _ = child.wait();
+}

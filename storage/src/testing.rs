@@ -202,10 +202,21 @@ api_bind_addr = "127.0.0.1:{admin}"
         }
     }
 
+    /// Waits until the S3 endpoint answers HTTP, not merely until its port
+    /// is open.
     fn wait_for_s3(&self) {
         let address = self.endpoint.trim_start_matches("http://").to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&address).is_err() {
+        let answers = || -> std::io::Result<bool> {
+            use std::io::{Read, Write};
+            let mut connection = std::net::TcpStream::connect(&address)?;
+            connection.set_read_timeout(Some(Duration::from_secs(2)))?;
+            connection.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            let mut start = [0u8; 5];
+            connection.read_exact(&mut start)?;
+            Ok(&start == b"HTTP/")
+        };
+        while !answers().unwrap_or(false) {
             if Instant::now() > deadline {
                 panic!(
                     "garage's S3 endpoint {address} did not open within 30 s: {}",
