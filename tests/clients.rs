@@ -7,7 +7,7 @@ use std::process::Command;
 
 use common::image::{self, pseudo_random, write_oci_layout};
 use common::containerd::{pull_and_compare, Containerd};
-use common::{push_image, require_tool, run, Server};
+use common::{push_image, require_tool, run, skopeo_copy, Server};
 use serde_json::Value;
 
 fn layout_manifest_digest(layout: &Path) -> String {
@@ -15,16 +15,6 @@ fn layout_manifest_digest(layout: &Path) -> String {
     index["manifests"][0]["digest"].as_str().unwrap().to_string()
 }
 
-fn skopeo_copy(source: &str, destination: &str) -> String {
-    run(Command::new(require_tool("skopeo")).args([
-        "--insecure-policy",
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-tls-verify=false",
-        source,
-        destination,
-    ]))
-}
 
 #[test]
 fn skopeo_copies_in_and_out_identically_and_mounts_across_repositories() {

@@ -12,20 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::image::{self, pseudo_random, write_oci_layout};
 use common::storage::{configure, force_s3, StoredView};
-use common::{free_port, require_tool, run, sha256_digest, Server, DVCR};
+use common::{free_port, run, sha256_digest, skopeo_copy, Server, DVCR};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
-
-fn skopeo_copy(source: &str, destination: &str) {
-    run(Command::new(require_tool("skopeo")).args([
-        "--insecure-policy",
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-tls-verify=false",
-        source,
-        destination,
-    ]));
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_through_one_replica_is_pullable_through_another_at_once() {

@@ -9,7 +9,8 @@ fn path(text: &str) -> StoragePath {
     StoragePath::new(text).unwrap()
 }
 
-async fn read_all(driver: &dyn StorageDriver, at: &str, offset: u64, length: Option<u64>) -> Vec<u8> {
+/// The bytes `read` streams, gathered.
+pub(crate) async fn read_all(driver: &dyn StorageDriver, at: &str, offset: u64, length: Option<u64>) -> Vec<u8> {
     let chunks: Vec<Bytes> = driver
         .read(&path(at), offset, length)
         .await

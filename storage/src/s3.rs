@@ -1115,6 +1115,7 @@ impl FileWriter for S3Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conformance::read_all;
 
     #[test]
     fn parts_grow_so_that_a_terabyte_fits() {
@@ -1149,18 +1150,6 @@ mod tests {
 
     fn path(text: &str) -> StoragePath {
         StoragePath::new(text).unwrap()
-    }
-
-    async fn read_all(driver: &S3Driver, at: &str, offset: u64, length: Option<u64>) -> Vec<u8> {
-        use futures::TryStreamExt;
-        let chunks: Vec<Bytes> = driver
-            .read(&path(at), offset, length)
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        chunks.concat()
     }
 
     async fn open_uploads(driver: &S3Driver) -> usize {

@@ -171,6 +171,18 @@ pub fn wait_for_listener(port: u16, what: &str) {
     }
 }
 
+/// `skopeo copy` between two references, TLS checks off (loopback).
+pub fn skopeo_copy(source: &str, destination: &str) -> String {
+    run(Command::new(require_tool("skopeo")).args([
+        "--insecure-policy",
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        source,
+        destination,
+    ]))
+}
+
 /// Runs a command and returns its stdout, failing the test with its output
 /// when it fails.
 pub fn run(command: &mut Command) -> String {
