@@ -145,9 +145,12 @@ async fn dvcr_gc_removes_unowned_repositories_idle_uploads_and_unreferenced_blob
     assert!(String::from_utf8_lossy(&output.stderr).contains("names no repository"));
 }
 
-/// Pushes like skopeo does: a blob the registry says it has is not sent.
-async fn push_skipping_known_blobs(client: &Client, server: &Server, repository: &str, tag: &str, image: &Image) -> Result<usize, String> {
+/// Pushes the blobs of `image` like skopeo does: a blob the registry says
+/// it has is not sent. Returns how many were skipped and when the first of
+/// them was seen.
+async fn push_blobs_skipping_known(client: &Client, server: &Server, repository: &str, image: &Image) -> Result<(usize, Option<Instant>), String> {
     let mut skipped = 0;
+    let mut first_seen: Option<Instant> = None;
     for blob in image.blobs() {
         let digest = sha256_digest(blob);
         let head = client
@@ -157,6 +160,7 @@ async fn push_skipping_known_blobs(client: &Client, server: &Server, repository:
             .map_err(|error| error.to_string())?;
         if head.status() == StatusCode::OK {
             skipped += 1;
+            first_seen.get_or_insert_with(Instant::now);
             continue;
         }
         let response = client
@@ -169,11 +173,58 @@ async fn push_skipping_known_blobs(client: &Client, server: &Server, repository:
             return Err(format!("blob push answered {}: {:?}", response.status(), response.text().await));
         }
     }
+    Ok((skipped, first_seen))
+}
+
+/// The collector's grace window in `collection_while_pushing_and_pulling_loses_nothing`.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Pushes the manifest of `image`. A blob seen by a HEAD is promised to
+/// stay for the grace window only: when the manifest goes out later than
+/// that (a loaded machine), `MANIFEST_BLOB_UNKNOWN` is allowed and
+/// reported as `Ok(false)`; any other refusal is an error that says how
+/// long ago the first reused blob was seen.
+async fn push_manifest_after(client: &Client, server: &Server, repository: &str, tag: &str, image: &Image, first_seen: Option<Instant>) -> Result<bool, String> {
+    let late = first_seen.is_some_and(|seen| seen.elapsed() > GRACE);
     let response = put_manifest(client, server, repository, tag, image).await.map_err(|error| error.to_string())?;
-    if response.status() != StatusCode::CREATED {
-        return Err(format!("{repository}:{tag}: manifest push answered {}: {:?}", response.status(), response.text().await));
+    if response.status() == StatusCode::CREATED {
+        return Ok(true);
     }
-    Ok(skipped)
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if late && status == StatusCode::BAD_REQUEST && body.contains("MANIFEST_BLOB_UNKNOWN") {
+        eprintln!("{repository}:{tag}: the manifest came later than the grace window after the HEADs and was refused: {body}");
+        return Ok(false);
+    }
+    let seen = first_seen.map_or("none".to_string(), |seen| format!("{:?} ago", seen.elapsed()));
+    Err(format!("{repository}:{tag}: manifest push answered {status} (first reused blob seen {seen}): {body}"))
+}
+
+/// Pushes like skopeo does; returns how many blobs the registry already
+/// had. A push refused for coming later than the grace window is done
+/// again, uploading what is missing.
+async fn push_skipping_known_blobs(client: &Client, server: &Server, repository: &str, tag: &str, image: &Image) -> Result<usize, String> {
+    for _attempt in 0..3 {
+        let (skipped, first_seen) = push_blobs_skipping_known(client, server, repository, image).await?;
+        if push_manifest_after(client, server, repository, tag, image, first_seen).await? {
+            return Ok(skipped);
+        }
+    }
+    Err(format!("{repository}:{tag}: three pushes in a row came later than the grace window"))
+}
+
+async fn gc_runs(client: &Client, server: &Server) -> f64 {
+    let metrics = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    metric(&metrics, "dvcr_gc_runs_total")
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +242,7 @@ async fn collection_while_pushing_and_pulling_loses_nothing() {
             "--gc-interval",
             "150ms",
             "--gc-grace",
-            "2s",
+            &format!("{}s", GRACE.as_secs()),
             "--gc-upload-max-age",
             "1h",
             "--gc-live-repositories",
@@ -210,7 +261,8 @@ async fn collection_while_pushing_and_pulling_loses_nothing() {
         tasks.push(tokio::spawn(async move {
             let repository = format!("vi/ns/p{pusher}");
             let mut condemned: Vec<(Instant, Image, u64)> = Vec::new();
-            let (mut pushes, mut reused) = (0u64, 0usize);
+            let mut held: Option<(Instant, Image, u64)> = None;
+            let (mut pushes, mut reused, mut exposed) = (0u64, 0usize, 0u64);
             let mut round = 0u64;
             while Instant::now() < deadline {
                 round += 1;
@@ -225,17 +277,56 @@ async fn collection_while_pushing_and_pulling_loses_nothing() {
                     delete_manifest(&client, &server, &repository, &image).await;
                     condemned.push((Instant::now(), image, seed));
                 }
-                // ...unless a new manifest reuses them while the collector runs.
-                if let Some(index) = condemned.iter().position(|(when, ..)| when.elapsed() > Duration::from_millis(2100)) {
+                // ...unless a new manifest reuses them first (a race with
+                // the collector: either outcome is fine, a loss is not).
+                if let Some(index) = condemned.iter().position(|(when, ..)| when.elapsed() > GRACE + Duration::from_millis(100)) {
                     let (_, _, seed) = condemned.remove(index);
                     let again = small_image(seed, "again");
                     let tag = format!("again{round}");
                     reused += push_skipping_known_blobs(&client, &server, &repository, &tag, &again).await?;
                     permanent.lock().unwrap().push((repository.clone(), tag));
                 }
+                // A handover, with no race: a push finds the layers of a
+                // tagged image older than the grace window, that image is
+                // untagged, and the new manifest comes only after two
+                // collections finished; the second one marked without the
+                // old manifest, so only the notes of the push's HEADs kept
+                // the layers.
+                match held.take() {
+                    None => {
+                        let seed = pusher * 1_000_000 + 500_000 + round;
+                        let image = small_image(seed, "held");
+                        push_skipping_known_blobs(&client, &server, &repository, &format!("held{round}"), &image).await?;
+                        held = Some((Instant::now(), image, seed));
+                    }
+                    Some((since, old, seed)) if since.elapsed() > GRACE + Duration::from_millis(200) => {
+                        let new = small_image(seed, "handover");
+                        let (found, first_seen) = push_blobs_skipping_known(&client, &server, &repository, &new).await?;
+                        if found != new.layers.len() {
+                            return Err(format!("{repository}: {found} layers of a tagged image found, not {}", new.layers.len()));
+                        }
+                        delete_manifest(&client, &server, &repository, &old).await;
+                        let runs_before = gc_runs(&client, &server).await;
+                        let pause_until = Instant::now() + Duration::from_millis(1200);
+                        let mut runs_during = 0.0;
+                        while runs_during < 2.0 && Instant::now() < pause_until {
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            runs_during = gc_runs(&client, &server).await - runs_before;
+                        }
+                        let tag = format!("handover{round}");
+                        if !push_manifest_after(&client, &server, &repository, &tag, &new, first_seen).await? {
+                            push_skipping_known_blobs(&client, &server, &repository, &tag, &new).await?;
+                        } else if runs_during >= 2.0 {
+                            exposed += 1;
+                        }
+                        reused += found;
+                        permanent.lock().unwrap().push((repository.clone(), tag));
+                    }
+                    still_young => held = still_young,
+                }
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
-            Ok::<(u64, usize), String>((pushes, reused))
+            Ok::<(u64, usize, u64), String>((pushes, reused, exposed))
         }));
     }
     let mut pullers = Vec::new();
@@ -257,17 +348,18 @@ async fn collection_while_pushing_and_pulling_loses_nothing() {
             Ok::<u64, String>(pulls)
         }));
     }
-    let (mut pushes, mut reused, mut pulls) = (0, 0, 0);
+    let (mut pushes, mut reused, mut exposed, mut pulls) = (0, 0, 0, 0);
     for task in tasks {
-        let (count, skipped) = task.await.unwrap().unwrap();
+        let (count, skipped, handovers) = task.await.unwrap().unwrap();
         pushes += count;
         reused += skipped;
+        exposed += handovers;
     }
     for task in pullers {
         pulls += task.await.unwrap().unwrap();
     }
     // Let collections run on the final state too.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(GRACE + Duration::from_millis(500)).await;
 
     let tags = permanent.lock().unwrap().clone();
     let mut failures = Vec::new();
@@ -278,20 +370,16 @@ async fn collection_while_pushing_and_pulling_loses_nothing() {
     }
     assert!(failures.is_empty(), "images lost or damaged: {failures:#?}");
     let metrics = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find(|line| line.starts_with(name))
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|value| value.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let (runs, freed) = (value("dvcr_gc_runs_total"), value("dvcr_gc_freed_bytes_total"));
-    eprintln!("{pushes} pushes, {reused} blobs reused by HEAD, {pulls} pulls verified, {} tags checked, {runs} collections, {freed} bytes freed", tags.len());
+    let (runs, freed) = (metric(&metrics, "dvcr_gc_runs_total"), metric(&metrics, "dvcr_gc_freed_bytes_total"));
+    eprintln!(
+        "{pushes} pushes, {reused} blobs reused by HEAD, {exposed} handovers with two collections in between, \
+         {pulls} pulls verified, {} tags checked, {runs} collections, {freed} bytes freed",
+        tags.len()
+    );
     assert!(runs >= 20.0, "the collector ran {runs} times");
     assert!(freed > 0.0, "the collector freed nothing");
     assert!(pushes >= 30 && pulls >= 30, "too little load: {pushes} pushes, {pulls} pulls");
-    assert!(reused > 0, "no push reused a blob the collector could have taken");
+    assert!(exposed > 0, "no handover had two collections between the untag and the new manifest");
     let catalog: Value = client.get(server.url("/v2/_catalog")).send().await.unwrap().json().await.unwrap();
     let names: HashSet<&str> = catalog["repositories"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert!(!names.contains("vi/ns/orphan"), "the repository without an owner is still there: {names:?}");
