@@ -59,7 +59,11 @@ TOML
     garage_cli() { "$binary" -c "$work/garage/garage.toml" "$@"; }
     RUST_LOG=garage=warn "$binary" -c "$work/garage/garage.toml" server >"$work/garage.log" 2>&1 &
     pids+=("$!")
-    for _ in $(seq 100); do node=$(garage_cli node id -q 2>/dev/null) && break; sleep 0.1; done
+    # `node id` reads the key on disk; `status` needs the RPC server up.
+    for _ in $(seq 100); do
+        node=$(garage_cli node id -q 2>/dev/null) && garage_cli status >/dev/null 2>&1 && break
+        sleep 0.1
+    done
     garage_cli layout assign -z dc1 -c 100G "${node%@*}" >/dev/null
     garage_cli layout apply --version 1 >/dev/null
     garage_key=GK$(openssl rand -hex 12)

@@ -249,7 +249,7 @@ struct StorageArgs {
     #[arg(long, default_value_t = 8)]
     s3_part_size_mib: u64,
     /// MiB that all uploads together may hold in parts on their way to S3.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 96)]
     s3_buffer_memory_mib: usize,
 }
 
@@ -486,7 +486,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// mmapped block is freed glibc raises its mmap threshold to that size,
 /// so the S3 driver's 8 MiB part buffers then came from the arenas and
 /// stayed there: 16 pushes to S3 peaked at 462 MiB, 308 MiB with the
-/// threshold fixed at 1 MiB.
+/// threshold fixed at 1 MiB. (Uploads gather into 1 MiB chunks, which
+/// would each be a fresh mapping above that threshold, zeroed and faulted
+/// in page by page; they come from a pool of recycled buffers instead.)
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it is called

@@ -61,6 +61,11 @@ pub struct PushArgs {
     /// What is stored: the image as it is (unpacked), or a raw disk converted from it.
     #[arg(long, value_enum, default_value_t = StoredFormat::Source)]
     format: StoredFormat,
+    /// Hash the layer here too and check that the registry received exactly it. By default a DVCR
+    /// registry's report of what it received is used, one SHA-256 pass fewer; other registries are
+    /// always sent a digest computed here.
+    #[arg(long)]
+    verify_layer_digest: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -183,6 +188,7 @@ impl PushArgs {
             scratch_dir: self.scratch_dir.clone(),
             convert_to_raw: matches!(self.format, StoredFormat::Raw),
             xz_unpacked_size: None,
+            hash_layer: self.verify_layer_digest,
         }
     }
 }
@@ -379,6 +385,7 @@ pub fn upload_sessions(listening: SocketAddr, lifetime: Duration) -> anyhow::Res
         scratch_dir: std::env::temp_dir(),
         convert_to_raw: false,
         xz_unpacked_size: None,
+        hash_layer: false,
     };
     Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options, lifetime))))
 }

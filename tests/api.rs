@@ -186,6 +186,8 @@ async fn chunked_upload_with_status_out_of_order_and_finish() {
     assert!(location.starts_with("/v2/vd/ns/disk/blobs/uploads/"), "{location}");
     assert!(!header(&response, "Docker-Upload-UUID").is_empty());
     assert_eq!(header(&response, "Range"), "0-0");
+    // DVCR reports the digest of what an upload holds, from the start.
+    assert_eq!(header(&response, "Dvcr-Upload-Digest"), sha256_digest(b""));
 
     // First chunk with Content-Range.
     let response = client
@@ -198,6 +200,7 @@ async fn chunked_upload_with_status_out_of_order_and_finish() {
         .unwrap();
     assert_eq!(response.status(), 202);
     assert_eq!(header(&response, "Range"), "0-999999");
+    assert_eq!(header(&response, "Dvcr-Upload-Digest"), sha256_digest(&data[..1_000_000]));
     let location = header(&response, "Location");
 
     // Out of order: 416 with the current range.
@@ -226,6 +229,7 @@ async fn chunked_upload_with_status_out_of_order_and_finish() {
         .unwrap();
     assert_eq!(response.status(), 202);
     assert_eq!(header(&response, "Range"), "0-2499999");
+    assert_eq!(header(&response, "Dvcr-Upload-Digest"), sha256_digest(&data[..2_500_000]));
 
     // A Content-Range that disagrees with Content-Length.
     let response = client

@@ -3,13 +3,19 @@
 //! with bounded memory (a few 1 MiB chunks in flight).
 
 use std::io::{self, Read, Write};
+use std::sync::{Arc, LazyLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use dvcr_storage::budget::{BufferPool, PooledBuffer};
 use tokio::sync::mpsc;
 
 /// Chunks in flight per channel.
 pub const CHANNEL_DEPTH: usize = 8;
 const CHUNK: usize = 1 << 20;
+
+/// The chunks writers fill, recycled: inside `dvcr serve` (an upload
+/// session) a fresh 1 MiB allocation is a new mapping, zeroed page by page.
+static CHUNKS: LazyLock<Arc<BufferPool>> = LazyLock::new(|| BufferPool::new(CHUNK, 2 * CHANNEL_DEPTH + 2));
 
 /// Reads chunks sent by an async producer; an `Err` chunk is the
 /// producer's failure.
@@ -46,7 +52,7 @@ impl Read for ChannelReader {
 /// Sends what is written, in chunks of 1 MiB, to an async consumer.
 pub struct ChannelWriter {
     sender: mpsc::Sender<io::Result<Bytes>>,
-    buffer: BytesMut,
+    buffer: PooledBuffer,
 }
 
 impl ChannelWriter {
@@ -54,7 +60,7 @@ impl ChannelWriter {
     pub fn new(sender: mpsc::Sender<io::Result<Bytes>>) -> Self {
         ChannelWriter {
             sender,
-            buffer: BytesMut::with_capacity(CHUNK),
+            buffer: CHUNKS.take(),
         }
     }
 
@@ -62,8 +68,7 @@ impl ChannelWriter {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let chunk = self.buffer.split().freeze();
-        self.buffer.reserve(CHUNK);
+        let chunk = std::mem::replace(&mut self.buffer, CHUNKS.take()).freeze();
         self.sender
             .blocking_send(Ok(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the registry upload stopped"))
@@ -72,10 +77,8 @@ impl ChannelWriter {
 
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let room = CHUNK - self.buffer.len();
-        let length = data.len().min(room);
-        self.buffer.extend_from_slice(&data[..length]);
-        if self.buffer.len() >= CHUNK {
+        let length = data.len() - self.buffer.fill(data).len();
+        if self.buffer.is_full() {
             self.send()?;
         }
         Ok(length)

@@ -138,7 +138,10 @@ pub async fn push_stream(
     progress: &Arc<Progress>,
 ) -> Result<ImageFacts, ImportError> {
     let repository = destination.repository.clone();
-    let location = client.start_upload(&repository).await?;
+    let (location, registry_hashes) = client.start_reported_upload(&repository).await?;
+    let mut options = options;
+    // Without the registry's report, the digest can only come from here.
+    options.hash_layer |= !registry_hashes;
     let (layer_sender, layer_receiver) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
     let compression = options.layer_compression;
     let pipeline_progress = progress.clone();
@@ -165,9 +168,13 @@ pub async fn push_stream(
             cancel(client, &location).await;
             return Err(error.into());
         }
-        (Ok(built), Ok(location)) => {
-            client.finish_upload(&location, &built.1.digest, Bytes::new()).await?;
-            built
+        (Ok((facts, mut layer)), Ok((location, reported))) => {
+            if let Err(reason) = layer.settle(reported.as_deref()) {
+                cancel(client, &location).await;
+                return Err(ImportError::LayerDigest(reason));
+            }
+            client.finish_upload(&location, &layer.digest, Bytes::new()).await?;
+            (facts, layer)
         }
     };
     let config = artifact::config(&facts, &layer);

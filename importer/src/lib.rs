@@ -79,6 +79,10 @@ pub enum ImportError {
     /// The registry refused or failed.
     #[error("{0}{hint}", hint = registry_hint(.0))]
     Registry(#[from] registry_client::RegistryError),
+    /// The layer's digest is missing from the registry's report, or
+    /// differs from the one computed here.
+    #[error("{0}")]
+    LayerDigest(String),
     /// The source has no bytes at all.
     #[error("the image is empty (0 bytes): check the URL or the file that was sent")]
     EmptySource,
@@ -129,7 +133,7 @@ impl ImportError {
             ImportError::SourceRead(_) => "SourceReadFailed",
             ImportError::Converter(_) | ImportError::TooLarge(_) | ImportError::NotAnArtifact(_) | ImportError::EmptySource => "BadImage",
             ImportError::Scratch(..) | ImportError::Layer(_) => "ImporterFailed",
-            ImportError::Registry(_) => "RegistryFailed",
+            ImportError::Registry(_) | ImportError::LayerDigest(_) => "RegistryFailed",
             ImportError::Usage(_) => "BadArguments",
         }
     }
@@ -138,7 +142,11 @@ impl ImportError {
     pub fn is_permanent(&self) -> bool {
         !matches!(
             self,
-            ImportError::GaveUp { .. } | ImportError::Http(..) | ImportError::SourceRead(_) | ImportError::Registry(_)
+            ImportError::GaveUp { .. }
+                | ImportError::Http(..)
+                | ImportError::SourceRead(_)
+                | ImportError::Registry(_)
+                | ImportError::LayerDigest(_)
         )
     }
 }

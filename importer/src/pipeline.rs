@@ -54,6 +54,12 @@ pub struct PipelineOptions {
     /// before the download (a `Range` request for its tail): it then
     /// streams instead of being unpacked to scratch first.
     pub xz_unpacked_size: Option<u64>,
+    /// Compute the layer blob's digest here even when the registry reports
+    /// the digest of what it received (DVCR's `Dvcr-Upload-Digest`), and
+    /// check the two agree. Without that report it is computed here
+    /// anyway. Off, one SHA-256 pass is saved: the registry hashes every
+    /// byte it receives in any case.
+    pub hash_layer: bool,
 }
 
 /// Facts about the stored image.
@@ -74,12 +80,40 @@ pub struct ImageFacts {
 /// The layer as written.
 #[derive(Debug, Clone)]
 pub struct LayerFacts {
-    /// `sha256:` of the blob.
+    /// `sha256:` of the blob; empty until [`LayerFacts::settle`] when the
+    /// pipeline did not hash it.
     pub digest: String,
-    /// `sha256:` of the uncompressed tar.
+    /// `sha256:` of the uncompressed tar; empty until settled when it is
+    /// the blob's own digest.
     pub diff_id: String,
     /// Blob size.
     pub size: u64,
+}
+
+impl LayerFacts {
+    /// Completes the digests with the one the registry reported for what
+    /// it received, and checks the two agree when both exist.
+    pub fn settle(&mut self, reported: Option<&str>) -> Result<(), String> {
+        match (self.digest.is_empty(), reported) {
+            (true, Some(reported)) => self.digest = reported.to_string(),
+            (true, None) => {
+                return Err("the registry did not report the digest of the layer it received (it may have moved to another \
+                            replica mid-upload); import again"
+                    .into())
+            }
+            (false, Some(reported)) if reported != self.digest => {
+                return Err(format!(
+                    "the registry received different bytes than were sent: it reports {reported}, the layer is {}",
+                    self.digest
+                ))
+            }
+            (false, _) => {}
+        }
+        if self.diff_id.is_empty() {
+            self.diff_id = self.digest.clone();
+        }
+        Ok(())
+    }
 }
 
 /// Runs the pipeline over `source` (of `source_length` bytes when known),
@@ -131,7 +165,7 @@ pub fn build_layer(
         if options.convert_to_raw && !matches!(facts.format, ImageFormat::Raw | ImageFormat::Iso) {
             return convert_then_write(&spool, facts, options, sink);
         }
-        let layer = write_layer(&mut spool, spooled, &facts.file_name, options.layer_compression, sink)?;
+        let layer = write_layer(&mut spool, spooled, &facts.file_name, options, sink)?;
         return Ok((facts, layer));
     }
 
@@ -176,7 +210,7 @@ fn stream_known_length(
         remaining: length,
         tail: &mut tail,
     };
-    let layer = write_layer(&mut data, length, &file_name, options.layer_compression, sink)?;
+    let layer = write_layer(&mut data, length, &file_name, options, sink)?;
     let (format, virtual_size) = describe(&kept_head, Some(&tail.bytes), length, options)?;
     Ok((
         ImageFacts {
@@ -205,7 +239,7 @@ fn convert_then_write(spool: &File, facts: ImageFacts, options: &PipelineOptions
         .filter(|(_, extension)| ["qcow2", "vmdk", "vhd", "vdi", "img", "raw"].contains(extension))
         .map_or(facts.file_name.as_str(), |(stem, _)| stem);
     let file_name = format!("{stem}.img");
-    let layer = write_layer(&mut converted, length, &file_name, options.layer_compression, sink)?;
+    let layer = write_layer(&mut converted, length, &file_name, options, sink)?;
     Ok((
         ImageFacts {
             stored_size: length,
@@ -437,11 +471,13 @@ fn write_layer(
     data: &mut dyn Read,
     length: u64,
     name: &str,
-    compression: LayerCompression,
+    options: &PipelineOptions,
     sink: impl Write,
 ) -> Result<LayerFacts, ImportError> {
-    // An uncompressed layer's digest is its diff_id: hash it once.
-    let blob = Hashing::new(sink, true);
+    let compression = options.layer_compression;
+    // An uncompressed layer's digest is its diff_id: hash it once, or not
+    // at all when the registry reports it.
+    let blob = Hashing::new(sink, options.hash_layer);
     let encoder = match compression {
         LayerCompression::None => Encoder::Plain(blob),
         LayerCompression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(blob, flate2::Compression::fast())),
@@ -475,6 +511,7 @@ fn write_layer(
     blob.flush().map_err(ImportError::Layer)?;
     let digest = blob.digest().unwrap_or_default();
     let diff_id = tar_digest.unwrap_or_else(|| digest.clone());
+    // Unhashed here and uncompressed: both stay empty until settled.
     Ok(LayerFacts {
         digest,
         diff_id,
@@ -485,6 +522,27 @@ fn write_layer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_layer_digest_is_settled_by_the_registry_report_and_checked_against_our_own() {
+        let layer = |digest: &str, diff_id: &str| LayerFacts {
+            digest: digest.into(),
+            diff_id: diff_id.into(),
+            size: 3,
+        };
+        let mut unhashed = layer("", "");
+        unhashed.settle(Some("sha256:aa")).unwrap();
+        assert_eq!((unhashed.digest.as_str(), unhashed.diff_id.as_str()), ("sha256:aa", "sha256:aa"));
+        assert!(layer("", "").settle(None).unwrap_err().contains("did not report"));
+        let mut compressed = layer("", "sha256:tar");
+        compressed.settle(Some("sha256:gz")).unwrap();
+        assert_eq!((compressed.digest.as_str(), compressed.diff_id.as_str()), ("sha256:gz", "sha256:tar"));
+        let mut ours = layer("sha256:aa", "sha256:aa");
+        assert!(ours.settle(Some("sha256:bb")).unwrap_err().contains("different bytes"));
+        ours.settle(None).unwrap();
+        ours.settle(Some("sha256:aa")).unwrap();
+        assert_eq!(ours.digest, "sha256:aa");
+    }
 
     #[test]
     fn file_names_are_safe_and_lose_the_wrapper_extension() {

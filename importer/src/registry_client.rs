@@ -319,17 +319,27 @@ impl RegistryClient {
 
     /// Starts a blob upload; returns its location.
     pub async fn start_upload(&self, repository: &str) -> Result<String, RegistryError> {
+        Ok(self.start_reported_upload(repository).await?.0)
+    }
+
+    /// Starts a blob upload; returns its location and whether the registry
+    /// reports the digest of what it receives (DVCR does, in
+    /// `Dvcr-Upload-Digest`; other registries do not).
+    pub async fn start_reported_upload(&self, repository: &str) -> Result<(String, bool), RegistryError> {
         let request = self
             .request(Method::POST, &format!("{}/v2/{repository}/blobs/uploads/", self.base))
             .header(CONTENT_LENGTH, "0");
         let response = self
             .exchange(&format!("starting an upload to {repository}"), request, StatusCode::ACCEPTED)
             .await?;
-        self.location(&response)
+        let reports_digest = reported_digest(&response).is_some();
+        Ok((self.location(&response)?, reports_digest))
     }
 
-    /// Sends a whole stream as one chunk of the upload at `location`.
-    pub async fn upload_stream<S>(&self, location: &str, body: S) -> Result<String, RegistryError>
+    /// Sends a whole stream as one chunk of the upload at `location`;
+    /// returns the next location and the digest of everything the upload
+    /// holds when the registry reports it.
+    pub async fn upload_stream<S>(&self, location: &str, body: S) -> Result<(String, Option<String>), RegistryError>
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     {
@@ -338,7 +348,7 @@ impl RegistryClient {
             .header(CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(body));
         let response = self.exchange("sending the layer", request, StatusCode::ACCEPTED).await?;
-        self.location(&response)
+        Ok((self.location(&response)?, reported_digest(&response)))
     }
 
     /// Sends `request`; an answer other than `expected` is an error naming
@@ -486,6 +496,19 @@ fn parse_challenge(challenge: &str) -> Vec<(String, String)> {
     }
     pairs
 }
+
+/// The digest a DVCR registry reports for what an upload holds.
+fn reported_digest(response: &Response) -> Option<String> {
+    response
+        .headers()
+        .get(UPLOAD_DIGEST)
+        .and_then(|value| value.to_str().ok())
+        .filter(|digest| digest.starts_with("sha256:"))
+        .map(str::to_string)
+}
+
+/// DVCR's header with the digest of the bytes an upload holds.
+pub const UPLOAD_DIGEST: &str = "Dvcr-Upload-Digest";
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,7 @@ use crate::Registry;
 
 const DOCKER_CONTENT_DIGEST: &str = "Docker-Content-Digest";
 const DOCKER_UPLOAD_UUID: &str = "Docker-Upload-UUID";
+const UPLOAD_DIGEST: &str = "Dvcr-Upload-Digest";
 const API_VERSION: &str = "Docker-Distribution-API-Version";
 const OCI_SUBJECT: &str = "OCI-Subject";
 const OCI_FILTERS_APPLIED: &str = "OCI-Filters-Applied";
@@ -401,11 +402,18 @@ fn blob_created(name: &RepositoryName, digest: &Digest) -> Response {
     response
 }
 
-fn upload_accepted(status: StatusCode, name: &RepositoryName, id: &str, size: u64) -> Response {
+/// The answer to a started or continued upload. `digest`, when known, is
+/// the digest of everything the upload holds, in `Dvcr-Upload-Digest`: a
+/// client that lets the registry hash (DVCR's importer) finishes the upload
+/// with it instead of hashing every byte a second time.
+fn upload_accepted(status: StatusCode, name: &RepositoryName, id: &str, size: u64, digest: Option<&Digest>) -> Response {
     let mut response = empty(status);
     set(&mut response, "Location", format!("/v2/{name}/blobs/uploads/{id}"));
     set(&mut response, "Range", format!("0-{}", size.saturating_sub(1)));
     set(&mut response, DOCKER_UPLOAD_UUID, id);
+    if let Some(digest) = digest {
+        set(&mut response, UPLOAD_DIGEST, digest.to_string());
+    }
     response
 }
 
@@ -455,7 +463,7 @@ async fn start_upload(store: &Store, identity: &Identity, name: &RepositoryName,
         }
         // Not mountable: fall back to an ordinary upload, as the spec says.
         let id = store.start_upload(name, digest.algorithm()).await?;
-        return Ok(upload_accepted(StatusCode::ACCEPTED, name, &id, 0));
+        return Ok(upload_accepted(StatusCode::ACCEPTED, name, &id, 0, Some(&digest.algorithm().digest(b""))));
     }
     if let Some(digest) = query.first("digest") {
         let digest: Digest = digest.parse()?;
@@ -465,18 +473,18 @@ async fn start_upload(store: &Store, identity: &Identity, name: &RepositoryName,
         return Ok(blob_created(name, &digest));
     }
     let id = store.start_upload(name, Algorithm::Sha256).await?;
-    Ok(upload_accepted(StatusCode::ACCEPTED, name, &id, 0))
+    Ok(upload_accepted(StatusCode::ACCEPTED, name, &id, 0, Some(&Algorithm::Sha256.digest(b""))))
 }
 
 async fn upload_status(store: &Store, name: &RepositoryName, id: &str) -> RegistryResult<Response> {
     let size = store.upload_size(name, id).await?;
-    Ok(upload_accepted(StatusCode::NO_CONTENT, name, id, size))
+    Ok(upload_accepted(StatusCode::NO_CONTENT, name, id, size, None))
 }
 
 async fn patch_upload(store: &Store, name: &RepositoryName, id: &str, request: Request) -> RegistryResult<Response> {
     let start = chunk_start(request.headers())?;
-    let size = store.append_upload(name, id, start, body_stream(request)).await?;
-    Ok(upload_accepted(StatusCode::ACCEPTED, name, id, size))
+    let (size, digest) = store.append_upload(name, id, start, body_stream(request)).await?;
+    Ok(upload_accepted(StatusCode::ACCEPTED, name, id, size, digest.as_ref()))
 }
 
 async fn finish_upload(store: &Store, name: &RepositoryName, id: &str, request: Request) -> RegistryResult<Response> {

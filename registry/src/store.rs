@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use dvcr_storage::{ByteStream, FileWriter, StorageDriver, StorageError, StoragePath};
 use tokio::sync::{mpsc, oneshot};
 use futures::{Stream, StreamExt};
@@ -222,22 +222,28 @@ impl Store {
         })
     }
 
-    /// Appends a body to an upload and returns the upload's new size. With
-    /// `start`, the body must begin exactly where the upload ends (416 with
-    /// the current `Range` otherwise).
+    /// Appends a body to an upload and returns the upload's new size, with
+    /// the digest of everything it holds when this process hashed all of
+    /// it. With `start`, the body must begin exactly where the upload ends
+    /// (416 with the current `Range` otherwise).
     pub async fn append_upload<S, E>(
         &self,
         name: &RepositoryName,
         id: &str,
         start: Option<ChunkStart>,
         body: S,
-    ) -> RegistryResult<u64>
+    ) -> RegistryResult<(u64, Option<Digest>)>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
         let mut hash = self.claim_upload(name, id).await?;
-        self.append_locked(name, id, start, body, &mut hash, false).await
+        let size = self.append_locked(name, id, start, body, &mut hash, false).await?;
+        let digest = hash
+            .as_ref()
+            .filter(|state| state.hashed_bytes == size)
+            .map(|state| state.hasher.clone().finish());
+        Ok((size, digest))
     }
 
     async fn append_locked<S, E>(
@@ -597,15 +603,15 @@ where
 {
     // Bodies arrive in frames of a few KiB; handing each to the hasher and
     // writer threads costs two wake-ups per frame. Gather them into 1 MiB
-    // chunks first (one copy), shared by both threads.
-    let mut pending = BytesMut::new();
+    // chunks first (one copy, into a recycled buffer), shared by both threads.
+    let mut pending = UPLOAD_CHUNKS.take();
     while let Some(frame) = body.next().await {
         let frame = match frame {
             Ok(frame) => frame,
             Err(error) => {
                 // Keep what arrived before the failure.
                 if !pending.is_empty() {
-                    send_chunk(pending.split().freeze(), writer, hashing).await?;
+                    send_chunk(pending.freeze(), writer, hashing).await?;
                 }
                 return Err(StreamError::Body(error.to_string()));
             }
@@ -614,13 +620,16 @@ where
             send_chunk(frame, writer, hashing).await?;
             continue;
         }
-        pending.extend_from_slice(&frame);
-        if pending.len() >= COALESCED_CHUNK {
-            send_chunk(pending.split().freeze(), writer, hashing).await?;
-            pending.reserve(COALESCED_CHUNK);
-            // While the client keeps sending, this loop never waits; let
-            // other requests run between chunks (as downloads do).
-            tokio::task::yield_now().await;
+        let mut rest = &frame[..];
+        while !rest.is_empty() {
+            rest = pending.fill(rest);
+            if pending.is_full() {
+                let full = std::mem::replace(&mut pending, UPLOAD_CHUNKS.take());
+                send_chunk(full.freeze(), writer, hashing).await?;
+                // While the client keeps sending, this loop never waits; let
+                // other requests run between chunks (as downloads do).
+                tokio::task::yield_now().await;
+            }
         }
     }
     if !pending.is_empty() {
@@ -647,6 +656,11 @@ const UPLOAD_BUFFER_BUDGET: usize = 64 << 20;
 
 static UPLOAD_BUFFERS: std::sync::LazyLock<dvcr_storage::budget::MemoryBudget> =
     std::sync::LazyLock::new(|| dvcr_storage::budget::MemoryBudget::new(UPLOAD_BUFFER_BUDGET));
+
+/// The buffers uploads gather into; as many stay idle as the budget allows
+/// in use, so the pool never holds more than the budget's worth.
+static UPLOAD_CHUNKS: std::sync::LazyLock<std::sync::Arc<dvcr_storage::budget::BufferPool>> =
+    std::sync::LazyLock::new(|| dvcr_storage::budget::BufferPool::new(COALESCED_CHUNK, UPLOAD_BUFFER_BUDGET / COALESCED_CHUNK));
 
 /// Chunks a hasher thread may have queued.
 const HASH_QUEUE_CHUNKS: usize = 16;

@@ -1,8 +1,9 @@
 //! A memory budget shared by many streams: a chunk holds its share of the
 //! budget until its last clone is dropped, so what all streams together
-//! keep in memory stays bounded however many there are.
+//! keep in memory stays bounded however many there are. And a pool of
+//! fixed-size buffers that come back once their last chunk is dropped.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -66,6 +67,127 @@ impl MemoryBudget {
     }
 }
 
+/// Buffers of one size, handed out again once the last chunk made from one
+/// is dropped. Streams that gather data into large chunks would otherwise
+/// allocate a fresh buffer per chunk; above glibc's mmap threshold that is
+/// a new mapping the kernel zeroes and faults in page by page.
+pub struct BufferPool {
+    size: usize,
+    keep: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// A pool of `size`-byte buffers that keeps at most `keep` idle ones.
+    pub fn new(size: usize, keep: usize) -> Arc<Self> {
+        Arc::new(BufferPool {
+            size,
+            keep,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An empty buffer; it takes its memory from the pool when first filled.
+    pub fn take(self: &Arc<Self>) -> PooledBuffer {
+        PooledBuffer {
+            data: Vec::new(),
+            pool: self.clone(),
+        }
+    }
+
+    fn memory(&self) -> Vec<u8> {
+        let recycled = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+        recycled.unwrap_or_else(|| Vec::with_capacity(self.size))
+    }
+
+    fn give_back(&self, mut data: Vec<u8>) {
+        if data.capacity() != self.size {
+            return;
+        }
+        data.clear();
+        let mut free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if free.len() < self.keep {
+            free.push(data);
+        }
+    }
+
+    /// Idle buffers kept.
+    pub fn idle(&self) -> usize {
+        self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+    }
+}
+
+/// A buffer from a [`BufferPool`], filled up to the pool's size.
+pub struct PooledBuffer {
+    data: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl PooledBuffer {
+    /// Appends as much of `bytes` as fits; returns what did not.
+    pub fn fill<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        if self.data.capacity() == 0 && !bytes.is_empty() {
+            self.data = self.pool.memory();
+        }
+        let room = self.pool.size.saturating_sub(self.data.len());
+        let (now, later) = bytes.split_at(room.min(bytes.len()));
+        self.data.extend_from_slice(now);
+        later
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Whether it holds the pool's size.
+    pub fn is_full(&self) -> bool {
+        self.data.len() >= self.pool.size
+    }
+
+    /// The bytes as a chunk; the buffer goes back to the pool when the
+    /// chunk's last clone is dropped. Less than a quarter of the size is
+    /// copied out instead, and the buffer goes back at once: a short tail
+    /// would otherwise hold a whole buffer for a few bytes.
+    pub fn freeze(mut self) -> Bytes {
+        if self.data.len() < self.pool.size / 4 {
+            return Bytes::copy_from_slice(&self.data);
+        }
+        let data = std::mem::take(&mut self.data);
+        Bytes::from_owner(Recycled { data, pool: self.pool.clone() })
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if self.data.capacity() > 0 {
+            self.pool.give_back(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+struct Recycled {
+    data: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.data));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +227,35 @@ mod tests {
         drop(first);
         let second = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
         assert_eq!(second.len(), 10);
+    }
+
+    #[test]
+    fn pooled_buffers_come_back_when_their_last_chunk_is_dropped() {
+        let pool = BufferPool::new(8, 2);
+        let mut buffer = pool.take();
+        assert_eq!(buffer.fill(b"abcde"), b"");
+        assert_eq!(buffer.fill(b"fghij"), b"ij", "only what fits is taken");
+        assert!(buffer.is_full());
+        let address = buffer.data.as_ptr();
+        let chunk = buffer.freeze();
+        assert_eq!(&chunk[..], b"abcdefgh");
+        let clone = chunk.slice(2..4);
+        drop(chunk);
+        assert_eq!(pool.idle(), 0, "a clone still uses the buffer");
+        assert_eq!(&clone[..], b"cd");
+        drop(clone);
+        assert_eq!(pool.idle(), 1);
+        let mut again = pool.take();
+        assert!(again.is_empty());
+        assert_eq!(pool.idle(), 1, "memory is taken at the first fill");
+        again.fill(b"x");
+        assert_eq!(again.data.as_ptr(), address, "the same memory is handed out again");
+        let tail = again.freeze();
+        assert_eq!(&tail[..], b"x");
+        assert_eq!(pool.idle(), 1, "a short tail is copied out and its buffer comes back at once");
+        let mut taken: Vec<PooledBuffer> = (0..3).map(|_| pool.take()).collect();
+        taken.iter_mut().for_each(|buffer| assert!(buffer.fill(b"abcdefgh").is_empty()));
+        drop(taken);
+        assert_eq!(pool.idle(), 2, "no more idle buffers than asked are kept");
     }
 }
