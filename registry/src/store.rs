@@ -657,10 +657,11 @@ const UPLOAD_BUFFER_BUDGET: usize = 64 << 20;
 static UPLOAD_BUFFERS: std::sync::LazyLock<dvcr_storage::budget::MemoryBudget> =
     std::sync::LazyLock::new(|| dvcr_storage::budget::MemoryBudget::new(UPLOAD_BUFFER_BUDGET));
 
-/// The buffers uploads gather into; as many stay idle as the budget allows
-/// in use, so the pool never holds more than the budget's worth.
+/// The buffers uploads gather into; at most half the budget's worth stays
+/// idle (32 MiB), so a quiet registry does not keep its busiest moment's
+/// memory.
 static UPLOAD_CHUNKS: std::sync::LazyLock<std::sync::Arc<dvcr_storage::budget::BufferPool>> =
-    std::sync::LazyLock::new(|| dvcr_storage::budget::BufferPool::new(COALESCED_CHUNK, UPLOAD_BUFFER_BUDGET / COALESCED_CHUNK));
+    std::sync::LazyLock::new(|| dvcr_storage::budget::BufferPool::new(COALESCED_CHUNK, UPLOAD_BUFFER_BUDGET / COALESCED_CHUNK / 2));
 
 /// Chunks a hasher thread may have queued.
 const HASH_QUEUE_CHUNKS: usize = 16;

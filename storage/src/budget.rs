@@ -3,6 +3,7 @@
 //! keep in memory stays bounded however many there are. And a pool of
 //! fixed-size buffers that come back once their last chunk is dropped.
 
+use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -135,6 +136,19 @@ impl PooledBuffer {
         later
     }
 
+    /// Reads up to `want` bytes (no more than the pool's size) from
+    /// `reader` after what the buffer holds, into memory that is not
+    /// zeroed first; returns how many came (0 at the end of `reader`).
+    pub fn read_from(&mut self, reader: &mut impl Read, want: usize) -> io::Result<usize> {
+        if self.data.capacity() == 0 {
+            self.data = self.pool.memory();
+        }
+        let want = want.min(self.pool.size.saturating_sub(self.data.len()));
+        // `read_to_end` reads into the spare capacity without initializing
+        // it; `take` keeps it from growing the buffer.
+        reader.by_ref().take(want as u64).read_to_end(&mut self.data)
+    }
+
     /// Bytes held.
     pub fn len(&self) -> usize {
         self.data.len()
@@ -257,5 +271,21 @@ mod tests {
         taken.iter_mut().for_each(|buffer| assert!(buffer.fill(b"abcdefgh").is_empty()));
         drop(taken);
         assert_eq!(pool.idle(), 2, "no more idle buffers than asked are kept");
+    }
+
+    #[test]
+    fn pooled_buffers_read_no_more_than_asked_or_than_fits() {
+        let pool = BufferPool::new(8, 2);
+        let mut source: &[u8] = b"0123456789abcdef";
+        let mut buffer = pool.take();
+        assert_eq!(buffer.read_from(&mut source, 3).unwrap(), 3);
+        assert_eq!(buffer.read_from(&mut source, 100).unwrap(), 5, "only the room left");
+        assert!(buffer.is_full());
+        assert_eq!(buffer.data.capacity(), 8, "the buffer never grows");
+        assert_eq!(&buffer.freeze()[..], b"01234567");
+        let mut rest = pool.take();
+        assert_eq!(rest.read_from(&mut source, 8).unwrap(), 8);
+        assert_eq!(rest.read_from(&mut source, 8).unwrap(), 0);
+        assert_eq!(&rest.freeze()[..], b"89abcdef");
     }
 }

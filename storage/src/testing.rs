@@ -182,15 +182,22 @@ api_bind_addr = "127.0.0.1:{admin}"
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("garage exited at start ({status}): {}", self.log());
             }
-            let output = Command::new(&self.binary)
-                .arg("-c")
-                .arg(&self.config)
-                .args(["node", "id", "-q"])
-                .output();
-            if let Ok(output) = output {
-                if output.status.success() {
-                    let text = String::from_utf8_lossy(&output.stdout);
-                    if let Some(id) = text.trim().split('@').next().filter(|id| !id.is_empty()) {
+            let admin = |arguments: &[&str]| {
+                Command::new(&self.binary)
+                    .arg("-c")
+                    .arg(&self.config)
+                    .args(arguments)
+                    .output()
+                    .ok()
+                    .filter(|output| output.status.success())
+            };
+            // `node id` can answer from the key on disk before the RPC
+            // server listens; `status` needs the server (a CI run's `layout
+            // assign` was refused right after `node id` answered).
+            if let Some(output) = admin(&["node", "id", "-q"]) {
+                let text = String::from_utf8_lossy(&output.stdout);
+                if let Some(id) = text.trim().split('@').next().filter(|id| !id.is_empty()) {
+                    if admin(&["status"]).is_some() {
                         return id.to_string();
                     }
                 }
