@@ -249,7 +249,7 @@ struct StorageArgs {
     #[arg(long, default_value_t = 8)]
     s3_part_size_mib: u64,
     /// MiB that all uploads together may hold in parts on their way to S3.
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = dvcr_storage::s3::DEFAULT_BUFFER_MEMORY_MIB)]
     s3_buffer_memory_mib: usize,
 }
 

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 
 use common::image::{self, pseudo_random};
 use common::storage::{break_storage, StoredView};
-use common::{push_image, sha256_digest, Server};
+use common::{metric, push_image, sha256_digest, Server};
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha512};
@@ -781,17 +781,6 @@ async fn repository_names_are_checked_before_storage() {
     // Methods the API does not have.
     let response = client.put(server.url(&format!("/v2/a/blobs/{digest}"))).send().await.unwrap();
     expect_error(response, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED").await;
-}
-
-/// The value of `name` in the Prometheus text, for a series whose labels
-/// include every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.split(['{', ' ']).next() == Some(name))
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit(' ').next().and_then(|value| value.parse::<f64>().ok()))
-        .sum()
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::image::{self, pseudo_random, Image};
 use common::storage::{configure, StoredView};
-use common::{free_port, push_image, put_manifest, run, sha256_digest, Server, DVCR};
+use common::{free_port, metric, push_image, put_manifest, run, sha256_digest, Server, DVCR};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
@@ -215,16 +215,7 @@ async fn push_skipping_known_blobs(client: &Client, server: &Server, repository:
 
 async fn gc_runs(client: &Client, server: &Server) -> f64 {
     let metrics = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    metric(&metrics, "dvcr_gc_runs_total")
-}
-
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(name))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse::<f64>().ok())
-        .unwrap_or(0.0)
+    metric(&metrics, "dvcr_gc_runs_total", &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,7 +361,7 @@ async fn collection_while_pushing_and_pulling_loses_nothing() {
     }
     assert!(failures.is_empty(), "images lost or damaged: {failures:#?}");
     let metrics = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let (runs, freed) = (metric(&metrics, "dvcr_gc_runs_total"), metric(&metrics, "dvcr_gc_freed_bytes_total"));
+    let (runs, freed) = (metric(&metrics, "dvcr_gc_runs_total", &[]), metric(&metrics, "dvcr_gc_freed_bytes_total", &[]));
     eprintln!(
         "{pushes} pushes, {reused} blobs reused by HEAD, {exposed} handovers with two collections in between, \
          {pulls} pulls verified, {} tags checked, {runs} collections, {freed} bytes freed",

@@ -49,6 +49,9 @@ const SIZE_METADATA: &str = "dvcr-size";
 const MAX_PARTS: usize = 10_000;
 /// S3's smallest part (all but the last).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// MiB that all writers together may hold in parts, unless told otherwise
+/// (96: 16 pushes at 8 MiB parts keep the registry under 256 MiB).
+pub const DEFAULT_BUFFER_MEMORY_MIB: usize = 96;
 /// S3's largest part, and its largest single-request copy.
 const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 /// The part size doubles after this many parts...
@@ -111,7 +114,7 @@ impl S3Options {
             ca_bundle: None,
             path_style: true,
             part_size: 8 * 1024 * 1024,
-            buffer_memory: 128 * 1024 * 1024,
+            buffer_memory: DEFAULT_BUFFER_MEMORY_MIB << 20,
             max_single_copy: MAX_PART_SIZE,
             copy_part_size: 1024 * 1024 * 1024,
         }

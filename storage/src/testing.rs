@@ -150,10 +150,8 @@ api_bind_addr = "127.0.0.1:{admin}"
 
     /// Runs a `garage` admin command; panics with its output when it fails.
     pub fn run(&self, arguments: &[&str]) -> String {
-        let output = Command::new(&self.binary)
-            .arg("-c")
-            .arg(&self.config)
-            .args(arguments)
+        let output = self
+            .admin(arguments)
             .output()
             .unwrap_or_else(|error| panic!("cannot run garage {arguments:?}: {error}"));
         if !output.status.success() {
@@ -165,6 +163,13 @@ api_bind_addr = "127.0.0.1:{admin}"
             );
         }
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// A `garage` admin command against this server.
+    fn admin(&self, arguments: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.arg("-c").arg(&self.config).args(arguments);
+        command
     }
 
     /// What the server wrote to its log so far.
@@ -182,15 +187,7 @@ api_bind_addr = "127.0.0.1:{admin}"
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("garage exited at start ({status}): {}", self.log());
             }
-            let admin = |arguments: &[&str]| {
-                Command::new(&self.binary)
-                    .arg("-c")
-                    .arg(&self.config)
-                    .args(arguments)
-                    .output()
-                    .ok()
-                    .filter(|output| output.status.success())
-            };
+            let admin = |arguments: &[&str]| self.admin(arguments).output().ok().filter(|output| output.status.success());
             // `node id` can answer from the key on disk before the RPC
             // server listens; `status` needs the server (a CI run's `layout
             // assign` was refused right after `node id` answered).

@@ -183,6 +183,17 @@ pub fn skopeo_copy(source: &str, destination: &str) -> String {
     ]))
 }
 
+/// The value of `name` in the Prometheus text, summed over the series
+/// whose labels include every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.split(['{', ' ']).next() == Some(name))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next().and_then(|value| value.parse::<f64>().ok()))
+        .sum()
+}
+
 /// Runs a command and returns its stdout, failing the test with its output
 /// when it fails.
 pub fn run(command: &mut Command) -> String {
