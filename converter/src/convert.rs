@@ -9,6 +9,8 @@ use crate::OutputFormat;
 use crate::source::FileSource;
 use crate::unwrap;
 
+use crate::aligned::PageAlignedBuffer;
+use crate::copier::{copy_runs, Run};
 use crate::output::RawOutput;
 use crate::mapped::{Cluster, MappedImage};
 use crate::qcow2::Qcow2Image;
@@ -20,14 +22,7 @@ use crate::source::ReadAt;
 use crate::ConverterError;
 
 /// Largest run of contiguous data clusters read and written in one call.
-const MAX_RUN: u64 = 4 << 20;
-
-/// A run of guest clusters stored contiguously on the host.
-struct Run {
-    guest: u64,
-    host: u64,
-    length: u64,
-}
+const MAX_RUN: u64 = 1 << 20;
 
 /// Opens a table-based image (qcow2, VMDK, VHD, VHDX, VDI) after checking it.
 pub fn open_mapped<'a>(
@@ -52,79 +47,76 @@ pub fn mapped_to_raw(image: &dyn MappedImage, destination: &Path) -> Result<(), 
     let output = RawOutput::create(destination, Some(virtual_size))
         .map_err(|error| ConverterError::Output(destination.display().to_string(), error))?;
     let source = image.source();
-    let mut buffer = vec![0u8; MAX_RUN as usize];
-    let mut cluster = vec![0u8; cluster_size as usize];
-    let mut batch: Vec<CompressedCluster> = Vec::with_capacity(COMPRESSED_BATCH);
-    let mut pending: Option<Run> = None;
     let output_error = |error| ConverterError::Output(destination.display().to_string(), error);
-
-    let flush = |run: Run, buffer: &mut [u8]| -> Result<(), ConverterError> {
-        let data = &mut buffer[..run.length as usize];
-        source.read_exact_at(data, run.host).map_err(ConverterError::Read)?;
-        output.write_data(run.guest, data).map_err(output_error)
-    };
-
-    image.visit_clusters(&mut |guest, mapping| -> Result<(), ConverterError> {
-        // The last cluster may reach past the virtual size.
-        let length = cluster_size.min(virtual_size - guest);
-        let contiguous = |run: &Run, host: u64| {
-            run.guest + run.length == guest && run.host + run.length == host && run.length + length <= MAX_RUN
-        };
-        if let Cluster::Data { host_offset } = mapping {
-            match pending.as_mut() {
-                Some(run) if contiguous(run, host_offset) => run.length += length,
-                _ => {
-                    if let Some(run) = pending.take() {
-                        flush(run, &mut buffer)?;
+    // A single cluster (up to 2 MiB) may be larger than a run.
+    let max_run = MAX_RUN.max(cluster_size);
+    copy_runs(source, &output, output_error, max_run, |runs| {
+        let mut cluster = PageAlignedBuffer::new(cluster_size as usize);
+        let mut batch: Vec<CompressedCluster> = Vec::with_capacity(COMPRESSED_BATCH);
+        let mut pending: Option<Run> = None;
+        image.visit_clusters(&mut |guest, mapping| -> Result<(), ConverterError> {
+            // The last cluster may reach past the virtual size.
+            let length = cluster_size.min(virtual_size - guest);
+            let contiguous = |run: &Run, host: u64| {
+                run.guest + run.length == guest && run.host + run.length == host && run.length + length <= max_run
+            };
+            if let Cluster::Data { host_offset } = mapping {
+                match pending.as_mut() {
+                    Some(run) if contiguous(run, host_offset) => run.length += length,
+                    _ => {
+                        if let Some(run) = pending.take() {
+                            runs.push(run)?;
+                        }
+                        pending = Some(Run { guest, host: host_offset, length });
                     }
-                    pending = Some(Run { guest, host: host_offset, length });
                 }
+                return Ok(());
             }
-            return Ok(());
-        }
+            if let Some(run) = pending.take() {
+                runs.push(run)?;
+            }
+            if !matches!(mapping, Cluster::Compressed { .. }) && !batch.is_empty() {
+                decompress_batch(image, &output, &batch, output_error)?;
+                batch.clear();
+            }
+            match mapping {
+                Cluster::Unallocated | Cluster::Zero => output.write_zeros(guest, length).map_err(output_error)?,
+                Cluster::Compressed { host_offset, length: stored } => {
+                    batch.push(CompressedCluster { guest, host_offset, stored, length });
+                    if batch.len() == COMPRESSED_BATCH {
+                        decompress_batch(image, &output, &batch, output_error)?;
+                        batch.clear();
+                    }
+                }
+                Cluster::Subclusters { host_offset, allocated } => {
+                    let subcluster = image.subcluster_size();
+                    for index in 0..32u64 {
+                        let start = index * subcluster;
+                        if start >= length {
+                            break;
+                        }
+                        let size = subcluster.min(length - start);
+                        if allocated & (1 << index) != 0 {
+                            let data = &mut cluster.as_mut()[..size as usize];
+                            source.read_exact_at(data, host_offset + start).map_err(ConverterError::Read)?;
+                            output.write_data(guest + start, data).map_err(output_error)?;
+                        } else {
+                            output.write_zeros(guest + start, size).map_err(output_error)?;
+                        }
+                    }
+                }
+                Cluster::Data { .. } => {}
+            }
+            Ok(())
+        })?;
         if let Some(run) = pending.take() {
-            flush(run, &mut buffer)?;
+            runs.push(run)?;
         }
-        if !matches!(mapping, Cluster::Compressed { .. }) && !batch.is_empty() {
+        if !batch.is_empty() {
             decompress_batch(image, &output, &batch, output_error)?;
-            batch.clear();
-        }
-        match mapping {
-            Cluster::Unallocated | Cluster::Zero => output.write_zeros(guest, length).map_err(output_error)?,
-            Cluster::Compressed { host_offset, length: stored } => {
-                batch.push(CompressedCluster { guest, host_offset, stored, length });
-                if batch.len() == COMPRESSED_BATCH {
-                    decompress_batch(image, &output, &batch, output_error)?;
-                    batch.clear();
-                }
-            }
-            Cluster::Subclusters { host_offset, allocated } => {
-                let subcluster = image.subcluster_size();
-                for index in 0..32u64 {
-                    let start = index * subcluster;
-                    if start >= length {
-                        break;
-                    }
-                    let size = subcluster.min(length - start);
-                    if allocated & (1 << index) != 0 {
-                        let data = &mut cluster[..size as usize];
-                        source.read_exact_at(data, host_offset + start).map_err(ConverterError::Read)?;
-                        output.write_data(guest + start, data).map_err(output_error)?;
-                    } else {
-                        output.write_zeros(guest + start, size).map_err(output_error)?;
-                    }
-                }
-            }
-            Cluster::Data { .. } => {}
         }
         Ok(())
     })?;
-    if let Some(run) = pending.take() {
-        flush(run, &mut buffer)?;
-    }
-    if !batch.is_empty() {
-        decompress_batch(image, &output, &batch, output_error)?;
-    }
     output.finish(None).map_err(output_error)
 }
 
@@ -179,14 +171,15 @@ pub fn raw_to_raw(source: &dyn ReadAt, destination: &Path) -> Result<(), Convert
     let size = source.size();
     let output_error = |error| ConverterError::Output(destination.display().to_string(), error);
     let output = RawOutput::create(destination, Some(size)).map_err(output_error)?;
-    let mut buffer = vec![0u8; MAX_RUN as usize];
-    let mut offset = 0;
-    while offset < size {
-        let length = (size - offset).min(MAX_RUN) as usize;
-        source.read_exact_at(&mut buffer[..length], offset).map_err(ConverterError::Read)?;
-        output.write_data(offset, &buffer[..length]).map_err(output_error)?;
-        offset += length as u64;
-    }
+    copy_runs(source, &output, output_error, MAX_RUN, |runs| {
+        let mut offset = 0;
+        while offset < size {
+            let length = (size - offset).min(MAX_RUN);
+            runs.push(Run { guest: offset, host: offset, length })?;
+            offset += length;
+        }
+        Ok(())
+    })?;
     output.finish(None).map_err(output_error)
 }
 

@@ -8,7 +8,9 @@
 //! - [`convert`]: conversion to raw, sparse.
 //! - [`info`]: what `dvcr info` reports, with `qemu-img info`'s key names.
 
+mod aligned;
 pub mod convert;
+mod copier;
 pub mod detect;
 mod endian;
 pub mod formats;

@@ -15,6 +15,7 @@
 //! Only clusters in use get a refcount, so unused reserved slots are plain
 //! free space (holes in the file). Memory holds one L2 table at a time.
 
+use crate::aligned::PageAlignedBuffer;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -124,7 +125,8 @@ pub fn raw_to_qcow2(source: &dyn ReadAt, destination: &Path) -> Result<(), Conve
     let file = OpenOptions::new().write(true).create(true).truncate(true).open(destination).map_err(&failed)?;
     let mut l1 = vec![0u8; (layout.l1_clusters * CLUSTER_SIZE) as usize];
     let mut l2 = vec![0u8; CLUSTER_SIZE as usize];
-    let mut cluster = vec![0u8; CLUSTER_SIZE as usize];
+    let mut cluster = PageAlignedBuffer::new(CLUSTER_SIZE as usize);
+    let cluster = cluster.as_mut();
     let mut next_data = layout.data;
     for table in 0..layout.l1_entries {
         l2.fill(0);
