@@ -25,10 +25,6 @@ pub struct RawOutput {
     /// was written; writes arrive in rising guest order, give or take a
     /// batch.
     writeback: Mutex<(u64, u64)>,
-    /// One write at a time: threads writing one file contend for its inode
-    /// lock, on which the kernel spins (a third of the CPU time of a
-    /// conversion with four writers on tmpfs); waiting here sleeps instead.
-    writing: Mutex<()>,
 }
 
 impl RawOutput {
@@ -56,7 +52,6 @@ impl RawOutput {
                 file,
                 holes_are_zero: false,
                 writeback: Mutex::new((0, 0)),
-                writing: Mutex::new(()),
             });
         }
         let file = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
@@ -65,7 +60,6 @@ impl RawOutput {
             file,
             holes_are_zero: true,
             writeback: Mutex::new((0, 0)),
-            writing: Mutex::new(()),
         })
     }
 
@@ -97,7 +91,6 @@ impl RawOutput {
     }
 
     fn write_data_sparse(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let _writing = self.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !self.holes_are_zero {
             return self.file.write_all_at(data, offset);
         }

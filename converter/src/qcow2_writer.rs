@@ -140,7 +140,7 @@ pub fn raw_to_qcow2(source: &dyn ReadAt, destination: &Path) -> Result<(), Conve
             if cluster.iter().all(|byte| *byte == 0) {
                 continue;
             }
-            file.write_all_at(&cluster, next_data).map_err(&failed)?;
+            file.write_all_at(cluster, next_data).map_err(&failed)?;
             let at = (index * 8) as usize;
             l2[at..at + 8].copy_from_slice(&(next_data | COPIED).to_be_bytes());
             next_data += CLUSTER_SIZE;
