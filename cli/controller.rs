@@ -22,14 +22,17 @@ pub fn run(command: ControllerCommand) -> anyhow::Result<()> {
             let files = dvcr_controller::crds::render_crd_files()?;
             match output_dir {
                 None => {
-                    let documents: Vec<&str> = files.iter().map(|file| file.content.as_str()).collect();
+                    let documents: Vec<&str> =
+                        files.iter().map(|file| file.content.as_str()).collect();
                     print!("{}", documents.join("---\n"));
                 }
                 Some(folder) => {
-                    std::fs::create_dir_all(&folder).with_context(|| format!("cannot create {}", folder.display()))?;
+                    std::fs::create_dir_all(&folder)
+                        .with_context(|| format!("cannot create {}", folder.display()))?;
                     for file in files {
                         let path = folder.join(&file.file_name);
-                        std::fs::write(&path, &file.content).with_context(|| format!("cannot write {}", path.display()))?;
+                        std::fs::write(&path, &file.content)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
                     }
                 }
             }

@@ -24,14 +24,25 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
         .args(args)
         // No cluster is involved: nothing may reach for one.
         .env("KUBECONFIG", "/nonexistent")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|error| panic!("cannot run kubectl ({error}): scripts/test.sh installs it"));
+        .unwrap_or_else(|error| {
+            panic!("cannot run kubectl ({error}): scripts/test.sh installs it")
+        });
     if let Some(input) = stdin {
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     let output = child.wait_with_output().unwrap();
     assert!(
@@ -58,18 +69,31 @@ fn render(overlay: &str) -> Vec<Value> {
 fn committed_crds_are_the_ones_the_types_render() {
     let folder = deploy_dir().join("base/crds");
     let rendered = render_crd_files().unwrap();
-    let regenerate = "run `cargo run -- controller crds --output-dir deploy/base/crds` and commit the result";
+    let regenerate =
+        "run `cargo run -- controller crds --output-dir deploy/base/crds` and commit the result";
     for file in &rendered {
-        let committed = std::fs::read_to_string(folder.join(&file.file_name))
-            .unwrap_or_else(|error| panic!("deploy/base/crds/{} is missing ({error}): {regenerate}", file.file_name));
-        assert!(committed == file.content, "deploy/base/crds/{} is stale: {regenerate}", file.file_name);
+        let committed =
+            std::fs::read_to_string(folder.join(&file.file_name)).unwrap_or_else(|error| {
+                panic!(
+                    "deploy/base/crds/{} is missing ({error}): {regenerate}",
+                    file.file_name
+                )
+            });
+        assert!(
+            committed == file.content,
+            "deploy/base/crds/{} is stale: {regenerate}",
+            file.file_name
+        );
     }
     let expected: BTreeSet<String> = rendered.iter().map(|file| file.file_name.clone()).collect();
     let present: BTreeSet<String> = std::fs::read_dir(&folder)
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(present, expected, "deploy/base/crds holds files no type renders");
+    assert_eq!(
+        present, expected,
+        "deploy/base/crds holds files no type renders"
+    );
 }
 
 /// Decodes a rendered object into its typed form, so that a field of the
@@ -77,58 +101,120 @@ fn committed_crds_are_the_ones_the_types_render() {
 fn decode_typed(object: &Value) {
     let kind = object["kind"].as_str().unwrap_or_default();
     let decoded = match kind {
-        "CustomResourceDefinition" => serde_json::from_value::<CustomResourceDefinition>(object.clone()).map(drop),
+        "CustomResourceDefinition" => {
+            serde_json::from_value::<CustomResourceDefinition>(object.clone()).map(drop)
+        }
         "Deployment" => serde_json::from_value::<Deployment>(object.clone()).map(drop),
         "Service" => serde_json::from_value::<Service>(object.clone()).map(drop),
         "ServiceAccount" => serde_json::from_value::<ServiceAccount>(object.clone()).map(drop),
         "Namespace" => serde_json::from_value::<Namespace>(object.clone()).map(drop),
-        "PersistentVolumeClaim" => serde_json::from_value::<PersistentVolumeClaim>(object.clone()).map(drop),
+        "PersistentVolumeClaim" => {
+            serde_json::from_value::<PersistentVolumeClaim>(object.clone()).map(drop)
+        }
         "ClusterRole" => serde_json::from_value::<ClusterRole>(object.clone()).map(drop),
-        "ConfigMap" => serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(object.clone()).map(drop),
-        other => panic!("the overlays render a {other}, which this test does not know how to check"),
+        "ConfigMap" => {
+            serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(object.clone())
+                .map(drop)
+        }
+        other => {
+            panic!("the overlays render a {other}, which this test does not know how to check")
+        }
     };
     if let Err(error) = decoded {
-        panic!("{kind} {} does not decode: {error}", object["metadata"]["name"]);
+        panic!(
+            "{kind} {} does not decode: {error}",
+            object["metadata"]["name"]
+        );
     }
 }
 
 fn registry_args(objects: &[Value]) -> Vec<String> {
     let deployment = objects
         .iter()
-        .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "dvcr-registry")
+        .find(|object| {
+            object["kind"] == "Deployment" && object["metadata"]["name"] == "dvcr-registry"
+        })
         .expect("the registry's Deployment");
-    serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap()
+    serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+        .unwrap()
 }
 
 #[test]
 fn every_overlay_renders_and_parses_as_kubernetes_objects() {
     for overlay in ["pvc", "s3"] {
-        let rendered = kubectl(&["kustomize", deploy_dir().join("overlays").join(overlay).to_str().unwrap()], None);
+        let rendered = kubectl(
+            &[
+                "kustomize",
+                deploy_dir()
+                    .join("overlays")
+                    .join(overlay)
+                    .to_str()
+                    .unwrap(),
+            ],
+            None,
+        );
         // kubectl's own decoder, offline (`apply --dry-run=client` would ask
         // an API server for discovery, and none can run here).
-        let listed = kubectl(&["label", "--local", "-f", "-", "dvcr.deckhouse.io/checked=true", "-o", "name"], Some(&rendered));
+        let listed = kubectl(
+            &[
+                "label",
+                "--local",
+                "-f",
+                "-",
+                "dvcr.deckhouse.io/checked=true",
+                "-o",
+                "name",
+            ],
+            Some(&rendered),
+        );
         let objects = documents(&rendered);
-        assert_eq!(listed.lines().count(), objects.len(), "{overlay}: kubectl read every object");
+        assert_eq!(
+            listed.lines().count(),
+            objects.len(),
+            "{overlay}: kubectl read every object"
+        );
         for object in &objects {
             decode_typed(object);
             let kind = object["kind"].as_str().unwrap();
-            let cluster_wide = matches!(kind, "CustomResourceDefinition" | "ClusterRole" | "Namespace");
+            let cluster_wide = matches!(
+                kind,
+                "CustomResourceDefinition" | "ClusterRole" | "Namespace"
+            );
             if !cluster_wide {
-                assert_eq!(object["metadata"]["namespace"], "dvcr", "{overlay}: {kind} in the dvcr namespace");
+                assert_eq!(
+                    object["metadata"]["namespace"], "dvcr",
+                    "{overlay}: {kind} in the dvcr namespace"
+                );
             }
         }
-        let crds = objects.iter().filter(|object| object["kind"] == "CustomResourceDefinition").count();
+        let crds = objects
+            .iter()
+            .filter(|object| object["kind"] == "CustomResourceDefinition")
+            .count();
         assert_eq!(crds, 9, "{overlay}: every CRD is installed");
         let args = registry_args(&objects);
-        for required in ["--tls-cert=/etc/dvcr/tls/tls.crt", "--htpasswd=/etc/dvcr/auth/htpasswd", "--read-only-user=node-puller"] {
-            assert!(args.iter().any(|arg| arg == required), "{overlay}: the registry runs with {required}: {args:?}");
+        for required in [
+            "--tls-cert=/etc/dvcr/tls/tls.crt",
+            "--htpasswd=/etc/dvcr/auth/htpasswd",
+            "--read-only-user=node-puller",
+        ] {
+            assert!(
+                args.iter().any(|arg| arg == required),
+                "{overlay}: the registry runs with {required}: {args:?}"
+            );
         }
-        let storage: Vec<&String> = args.iter().filter(|arg| arg.starts_with("--storage-dir") || arg.starts_with("--s3-bucket")).collect();
+        let storage: Vec<&String> = args
+            .iter()
+            .filter(|arg| arg.starts_with("--storage-dir") || arg.starts_with("--s3-bucket"))
+            .collect();
         assert_eq!(storage.len(), 1, "{overlay}: exactly one storage: {args:?}");
     }
     let pvc = render("pvc");
     assert!(registry_args(&pvc).contains(&"--storage-dir=/var/lib/dvcr".to_string()));
-    assert!(pvc.iter().any(|object| object["kind"] == "PersistentVolumeClaim" && object["metadata"]["name"] == "dvcr-data"));
+    assert!(pvc
+        .iter()
+        .any(|object| object["kind"] == "PersistentVolumeClaim"
+            && object["metadata"]["name"] == "dvcr-data"));
     let s3 = render("s3");
     assert!(registry_args(&s3).contains(&"--s3-bucket=$(DVCR_S3_BUCKET)".to_string()));
 }
@@ -136,18 +222,43 @@ fn every_overlay_renders_and_parses_as_kubernetes_objects() {
 /// The role matrix of the reference (section 5): per resource, what User,
 /// PrivilegedUser, Editor, Admin, ClusterEditor and ClusterAdmin may do.
 const ROLE_MATRIX: &[(&str, [&str; 6])] = &[
-    ("virtualmachines", ["R", "R", "CRUD", "CRUD", "CRUD", "CRUD"]),
+    (
+        "virtualmachines",
+        ["R", "R", "CRUD", "CRUD", "CRUD", "CRUD"],
+    ),
     ("virtualdisks", ["R", "R", "CRUD", "CRUD", "CRUD", "CRUD"]),
     ("virtualimages", ["R", "R", "R", "CRUD", "CRUD", "CRUD"]),
     ("clustervirtualimages", ["R", "R", "R", "R", "CRUD", "CRUD"]),
-    ("virtualmachineblockdeviceattachments", ["R", "R", "CRUD", "CRUD", "CRUD", "CRUD"]),
-    ("virtualmachineoperations", ["R", "CR", "CRUD", "CRUD", "CRUD", "CRUD"]),
-    ("virtualmachineipaddresses", ["R", "R", "CRUD", "CRUD", "CRUD", "CRUD"]),
-    ("virtualmachineipaddressleases", ["-", "-", "-", "R", "R", "CRUD"]),
-    ("virtualmachineclasses", ["R", "R", "R", "R", "CRUD", "CRUD"]),
+    (
+        "virtualmachineblockdeviceattachments",
+        ["R", "R", "CRUD", "CRUD", "CRUD", "CRUD"],
+    ),
+    (
+        "virtualmachineoperations",
+        ["R", "CR", "CRUD", "CRUD", "CRUD", "CRUD"],
+    ),
+    (
+        "virtualmachineipaddresses",
+        ["R", "R", "CRUD", "CRUD", "CRUD", "CRUD"],
+    ),
+    (
+        "virtualmachineipaddressleases",
+        ["-", "-", "-", "R", "R", "CRUD"],
+    ),
+    (
+        "virtualmachineclasses",
+        ["R", "R", "R", "R", "CRUD", "CRUD"],
+    ),
 ];
 
-const ROLES: [&str; 6] = ["user", "privileged-user", "editor", "admin", "cluster-editor", "cluster-admin"];
+const ROLES: [&str; 6] = [
+    "user",
+    "privileged-user",
+    "editor",
+    "admin",
+    "cluster-editor",
+    "cluster-admin",
+];
 
 fn verbs_of(cell: &str) -> BTreeSet<&'static str> {
     let mut verbs = BTreeSet::new();
@@ -178,32 +289,60 @@ fn user_roles_are_the_reference_role_matrix() {
         })
         .collect();
     for (column, role_name) in ROLES.iter().enumerate() {
-        let role = roles.get(&format!("dvcr:{role_name}")).unwrap_or_else(|| panic!("ClusterRole dvcr:{role_name}"));
+        let role = roles
+            .get(&format!("dvcr:{role_name}"))
+            .unwrap_or_else(|| panic!("ClusterRole dvcr:{role_name}"));
         let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for rule in role.rules.iter().flatten() {
-            assert_eq!(rule.api_groups.as_deref(), Some(&["virtualization.deckhouse.io".to_string()][..]));
+            assert_eq!(
+                rule.api_groups.as_deref(),
+                Some(&["virtualization.deckhouse.io".to_string()][..])
+            );
             assert!(rule.resource_names.is_none(), "no rule is limited to names");
             for resource in rule.resources.iter().flatten() {
-                assert!(!resource.contains('*') && !resource.contains('/'), "{role_name}: no wildcard or subresource");
-                granted.entry(resource.clone()).or_default().extend(rule.verbs.iter().cloned());
+                assert!(
+                    !resource.contains('*') && !resource.contains('/'),
+                    "{role_name}: no wildcard or subresource"
+                );
+                granted
+                    .entry(resource.clone())
+                    .or_default()
+                    .extend(rule.verbs.iter().cloned());
             }
         }
         for (resource, cells) in ROLE_MATRIX {
-            let expected: BTreeSet<String> = verbs_of(cells[column]).into_iter().map(String::from).collect();
+            let expected: BTreeSet<String> = verbs_of(cells[column])
+                .into_iter()
+                .map(String::from)
+                .collect();
             let actual = granted.remove(*resource).unwrap_or_default();
             assert_eq!(actual, expected, "{role_name} on {resource}");
         }
-        assert!(granted.is_empty(), "{role_name} grants resources outside the matrix: {granted:?}");
+        assert!(
+            granted.is_empty(),
+            "{role_name} grants resources outside the matrix: {granted:?}"
+        );
     }
-    let aggregated: BTreeMap<&str, &str> = [("user", "view"), ("editor", "edit"), ("admin", "admin")].into();
+    let aggregated: BTreeMap<&str, &str> =
+        [("user", "view"), ("editor", "edit"), ("admin", "admin")].into();
     for role_name in ROLES {
         let role = &roles[&format!("dvcr:{role_name}")];
         let labels = role.metadata.labels.clone().unwrap_or_default();
         let into: Vec<&str> = labels
             .iter()
-            .filter(|(key, value)| key.starts_with("rbac.authorization.k8s.io/aggregate-to-") && *value == "true")
+            .filter(|(key, value)| {
+                key.starts_with("rbac.authorization.k8s.io/aggregate-to-") && *value == "true"
+            })
             .map(|(key, _)| key.trim_start_matches("rbac.authorization.k8s.io/aggregate-to-"))
             .collect();
-        assert_eq!(into, aggregated.get(role_name).into_iter().copied().collect::<Vec<_>>(), "{role_name} aggregation");
+        assert_eq!(
+            into,
+            aggregated
+                .get(role_name)
+                .into_iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            "{role_name} aggregation"
+        );
     }
 }

@@ -18,7 +18,11 @@ impl PageAlignedBuffer {
     pub fn new(length: usize) -> Self {
         let storage = vec![0u8; length + PAGE];
         let start = storage.as_ptr().align_offset(PAGE).min(PAGE);
-        PageAlignedBuffer { storage, start, length }
+        PageAlignedBuffer {
+            storage,
+            start,
+            length,
+        }
     }
 }
 

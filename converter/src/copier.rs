@@ -45,13 +45,19 @@ struct Shared {
 
 impl Shared {
     fn fail(&self, error: ConverterError) {
-        let mut first = self.first_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut first = self
+            .first_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         first.get_or_insert(error);
         self.failed.store(true, Ordering::Release);
     }
 
     fn take_error(&self) -> Option<ConverterError> {
-        self.first_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+        self.first_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
 }
 
@@ -90,14 +96,20 @@ pub(crate) fn copy_runs<T>(
     let (receiver, shared) = (&receiver, &shared);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..COPY_THREADS)
-            .map(|_| scope.spawn(move || copy_worker(source, output, output_error, max_run, receiver, shared)))
+            .map(|_| {
+                scope.spawn(move || {
+                    copy_worker(source, output, output_error, max_run, receiver, shared)
+                })
+            })
             .collect();
         let produced = produce(&RunQueue { sender, shared });
         // The queue (and with it the sender) is gone: the workers drain what
         // is queued and stop.
         for worker in workers {
             if worker.join().is_err() {
-                shared.fail(ConverterError::Read(std::io::Error::other("a copying thread panicked")));
+                shared.fail(ConverterError::Read(std::io::Error::other(
+                    "a copying thread panicked",
+                )));
             }
         }
         match (produced, shared.take_error()) {
@@ -117,12 +129,18 @@ fn copy_worker(
 ) {
     let mut buffer = PageAlignedBuffer::new(max_run as usize);
     loop {
-        let next = receiver.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv();
+        let next = receiver
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .recv();
         let Ok(run) = next else { return };
         if shared.failed.load(Ordering::Acquire) {
             continue; // drain, so that the producer never waits on a full queue
         }
-        let Some(data) = usize::try_from(run.length).ok().and_then(|length| buffer.as_mut().get_mut(..length)) else {
+        let Some(data) = usize::try_from(run.length)
+            .ok()
+            .and_then(|length| buffer.as_mut().get_mut(..length))
+        else {
             shared.fail(ConverterError::Read(std::io::Error::other(format!(
                 "a run of {} bytes is larger than the copy buffer",
                 run.length
@@ -133,7 +151,10 @@ fn copy_worker(
             .read_exact_at(data, run.host)
             .map_err(ConverterError::Read)
             .and_then(|()| {
-                let _writing = shared.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let _writing = shared
+                    .writing
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 output.write_data(run.guest, data).map_err(output_error)
             });
         if let Err(error) = copied {
@@ -150,12 +171,18 @@ mod tests {
     fn runs_land_at_their_guest_offsets_in_any_order() {
         let folder = tempfile::tempdir().unwrap();
         let path = folder.path().join("out.raw");
-        let source: Vec<u8> = (0..64u32 * 1024).map(|index| (index % 251) as u8 + 1).collect();
+        let source: Vec<u8> = (0..64u32 * 1024)
+            .map(|index| (index % 251) as u8 + 1)
+            .collect();
         let output = RawOutput::create(&path, Some(source.len() as u64)).unwrap();
         let error = |error| ConverterError::Output("out".into(), error);
         copy_runs(&source, &output, error, 4096, |queue| {
             for index in (0..16u64).rev() {
-                queue.push(Run { guest: index * 4096, host: index * 4096, length: 4096 })?;
+                queue.push(Run {
+                    guest: index * 4096,
+                    host: index * 4096,
+                    length: 4096,
+                })?;
             }
             Ok(())
         })
@@ -176,12 +203,19 @@ mod tests {
             // Runs past the end of the source fail to read; the queue must
             // refuse further runs once a failure is seen.
             for index in 0..256u64 {
-                queue.push(Run { guest: index * 4096, host: 16384 + index * 4096, length: 4096 })?;
+                queue.push(Run {
+                    guest: index * 4096,
+                    host: 16384 + index * 4096,
+                    length: 4096,
+                })?;
                 pushed += 1;
             }
             Ok(())
         });
         assert!(matches!(result, Err(ConverterError::Read(_))), "{result:?}");
-        assert!(pushed < 256, "the producer was not stopped: {pushed} runs queued");
+        assert!(
+            pushed < 256,
+            "the producer was not stopped: {pushed} runs queued"
+        );
     }
 }

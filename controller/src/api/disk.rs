@@ -69,7 +69,11 @@ pub struct VirtualDiskStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<DiskTarget>,
     /// Where to upload (`dataSource.type: Upload`).
-    #[serde(default, rename = "imageUploadURLs", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "imageUploadURLs",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub image_upload_urls: Option<UploadUrls>,
     /// The storage class of the PVC.
     #[serde(default, skip_serializing_if = "Option::is_none")]

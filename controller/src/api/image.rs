@@ -108,7 +108,11 @@ pub struct ImageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<ImageTarget>,
     /// Where to upload (`dataSource.type: Upload`).
-    #[serde(default, rename = "imageUploadURLs", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "imageUploadURLs",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub image_upload_urls: Option<UploadUrls>,
     /// UID of the source object (`objectRef`).
     #[serde(default, rename = "sourceUID", skip_serializing_if = "Option::is_none")]
@@ -151,7 +155,11 @@ pub enum ImagePhase {
 #[serde(rename_all = "camelCase")]
 pub struct ImageTarget {
     /// The image in the registry, `<registry>/vi/<ns>/<name>:<tag>`.
-    #[serde(default, rename = "registryURL", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "registryURL",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub registry_url: Option<String>,
     /// The PVC holding it (`storage: PersistentVolumeClaim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -63,7 +63,11 @@ pub struct VirtualMachineSpec {
     pub enable_paravirtualization: bool,
     /// A VirtualMachineIPAddress to take the address from; one is made when
     /// empty.
-    #[serde(default, rename = "virtualMachineIPAddressName", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "virtualMachineIPAddressName",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub virtual_machine_ip_address_name: Option<String>,
     /// Seconds the guest gets to shut down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,7 +241,11 @@ pub struct VirtualMachineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
     /// The VirtualMachineIPAddress it holds.
-    #[serde(default, rename = "virtualMachineIPAddressName", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "virtualMachineIPAddressName",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub virtual_machine_ip_address_name: Option<String>,
     /// Whether a change waits for a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]

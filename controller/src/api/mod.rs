@@ -12,7 +12,10 @@ use kube::CustomResourceExt;
 
 pub use disk::VirtualDisk;
 pub use image::{ClusterVirtualImage, VirtualImage};
-pub use machine::{VirtualMachine, VirtualMachineBlockDeviceAttachment, VirtualMachineClass, VirtualMachineOperation};
+pub use machine::{
+    VirtualMachine, VirtualMachineBlockDeviceAttachment, VirtualMachineClass,
+    VirtualMachineOperation,
+};
 pub use network::{VirtualMachineIPAddress, VirtualMachineIPAddressLease};
 
 /// The CRDs of every resource, in a stable order.

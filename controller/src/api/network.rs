@@ -93,7 +93,11 @@ pub enum IpAddressPhase {
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineIPAddressLeaseSpec {
     /// The claim holding the address; none once released.
-    #[serde(default, rename = "virtualMachineIPAddressRef", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "virtualMachineIPAddressRef",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub virtual_machine_ip_address_ref: Option<IpAddressRef>,
 }
 
