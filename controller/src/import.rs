@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use dvcr_importer::progress::Report;
 
 use crate::api::common::{DataSource, DataSourceType, DownloadSpeed, ImageSize, ObjectRefKind};
 
@@ -250,26 +250,6 @@ pub fn human_bytes(bytes: u64) -> String {
     format!("{value:.1}{}", UNITS[unit])
 }
 
-/// The importer's final report (reference, section 3).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct ImportReport {
-    /// Bytes stored.
-    #[serde(rename = "source-image-size", default)]
-    pub stored_size: Option<u64>,
-    /// Virtual size in bytes.
-    #[serde(rename = "source-image-virtual-size", default)]
-    pub virtual_size: Option<u64>,
-    /// Detected format.
-    #[serde(rename = "source-image-format", default)]
-    pub format: Option<String>,
-    /// Average speed, bytes per second.
-    #[serde(rename = "average-speed", default)]
-    pub average_speed: Option<f64>,
-    /// Why the import failed; absent or empty on success.
-    #[serde(rename = "error-message", default)]
-    pub error_message: Option<String>,
-}
-
 /// What a finished import tells the status.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ImportOutcome {
@@ -279,24 +259,22 @@ pub enum ImportOutcome {
         format: String,
         cdrom: bool,
     },
-    /// Failed with the importer's message.
-    Failed { message: String },
+    /// Failed: the importer's message and reason (`BadImageChecksum`, ...).
+    Failed { message: String, reason: String },
 }
 
 /// Reads the report an importer left in its termination message.
 pub fn parse_report(text: &str) -> Result<ImportOutcome, ImportSpecError> {
-    let report: ImportReport = serde_json::from_str(text.trim())
-        .map_err(|error| ImportSpecError::Report(error.to_string()))?;
+    let report: Report =
+        serde_json::from_str(text.trim()).map_err(|error| ImportSpecError::Report(error.to_string()))?;
     if let Some(message) = report.error_message.filter(|message| !message.is_empty()) {
-        return Ok(ImportOutcome::Failed { message });
+        let reason = report.reason.filter(|reason| !reason.is_empty()).unwrap_or_else(|| "ImporterFailed".into());
+        return Ok(ImportOutcome::Failed { message, reason });
     }
-    let (Some(stored), Some(unpacked), Some(format)) =
-        (report.stored_size, report.virtual_size, report.format)
-    else {
-        return Err(ImportSpecError::Report(
-            "a successful report lacks the sizes or the format".into(),
-        ));
-    };
+    if report.source_image_format.is_empty() {
+        return Err(ImportSpecError::Report("a successful report lacks the format".into()));
+    }
+    let (stored, unpacked) = (report.source_image_size, report.source_image_virtual_size);
     Ok(ImportOutcome::Stored {
         size: ImageSize {
             stored: Some(human_bytes(stored)),
@@ -304,8 +282,8 @@ pub fn parse_report(text: &str) -> Result<ImportOutcome, ImportSpecError> {
             unpacked: Some(human_bytes(unpacked)),
             unpacked_bytes: Some(unpacked.to_string()),
         },
-        cdrom: format == "iso",
-        format,
+        cdrom: report.cdrom || report.source_image_format == "iso",
+        format: report.source_image_format,
     })
 }
 
@@ -602,19 +580,36 @@ mod tests {
         assert_eq!(size.stored.as_deref(), Some("2.2Gi"));
         assert_eq!(size.unpacked_bytes.as_deref(), Some("10737418240"));
         assert_eq!(
-            parse_report(r#"{"error-message":"checksum mismatch: sha256 expected ab, got cd"}"#)
-                .unwrap(),
+            parse_report(
+                r#"{"error-message":"checksum mismatch: sha256 expected ab, got cd","reason":"BadImageChecksum"}"#
+            )
+            .unwrap(),
             ImportOutcome::Failed {
-                message: "checksum mismatch: sha256 expected ab, got cd".into()
+                message: "checksum mismatch: sha256 expected ab, got cd".into(),
+                reason: "BadImageChecksum".into()
             }
         );
         assert!(matches!(
             parse_report("not json"),
             Err(ImportSpecError::Report(_))
         ));
-        assert!(matches!(
-            parse_report(r#"{"source-image-format":"raw"}"#),
-            Err(ImportSpecError::Report(_))
-        ));
+        assert_eq!(
+            parse_report(r#"{"error-message":"killed"}"#).unwrap(),
+            ImportOutcome::Failed { message: "killed".into(), reason: "ImporterFailed".into() },
+            "a failure without a reason still fails"
+        );
+        assert!(matches!(parse_report("{}"), Err(ImportSpecError::Report(_))), "no format: not a stored image");
+        // What the importer writes is what the controller reads.
+        let written = Report {
+            source_image_size: 5,
+            source_image_virtual_size: 7,
+            source_image_format: "qcow2".into(),
+            ..Default::default()
+        };
+        let ImportOutcome::Stored { format, cdrom, size } = parse_report(&serde_json::to_string(&written).unwrap()).unwrap()
+        else {
+            panic!("a stored report")
+        };
+        assert_eq!((format.as_str(), cdrom, size.unpacked_bytes.as_deref()), ("qcow2", false, Some("7")));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Shared progress counters.
 #[derive(Debug)]
@@ -146,9 +146,10 @@ fn human(bytes: f64) -> String {
     format!("{value:.1} {}", units[unit])
 }
 
-/// The final report (DVP writes it as the pod's termination message).
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// The final report (DVP writes it as the pod's termination message); the
+/// controller reads it back from there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct Report {
     /// Bytes stored.
     pub source_image_size: u64,
