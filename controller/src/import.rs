@@ -606,7 +606,8 @@ mod tests {
             source_image_format: "qcow2".into(),
             ..Default::default()
         };
-        let ImportOutcome::Stored { format, cdrom, size } = parse_report(&serde_json::to_string(&written).unwrap()).unwrap()
+        let written = serde_json::to_string(&written).unwrap();
+        let ImportOutcome::Stored { format, cdrom, size } = parse_report(&written).unwrap()
         else {
             panic!("a stored report")
         };
