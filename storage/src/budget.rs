@@ -96,8 +96,8 @@ impl BufferPool {
         }
     }
 
-    /// Memory for one buffer: its first [`PooledBuffer::start`] bytes are
-    /// padding up to a page boundary, where the data begins.
+    /// Memory for one buffer: its first [`page_start`] bytes are padding up
+    /// to a page boundary, where the data begins.
     fn memory(&self) -> Vec<u8> {
         let recycled = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         recycled.unwrap_or_else(|| {
@@ -134,6 +134,11 @@ const PAGE: usize = 4096;
 /// Where the page-aligned data of a pool's memory begins.
 fn page_start(data: &[u8]) -> usize {
     data.as_ptr().align_offset(PAGE).min(PAGE)
+}
+
+/// The data of a pool's memory, past its padding.
+fn held(data: &[u8]) -> &[u8] {
+    data.get(page_start(data)..).unwrap_or_default()
 }
 
 /// A buffer from a [`BufferPool`], filled up to the pool's size.
@@ -183,7 +188,7 @@ impl PooledBuffer {
     }
 
     fn bytes(&self) -> &[u8] {
-        self.data.get(page_start(&self.data)..).unwrap_or_default()
+        held(&self.data)
     }
 
     /// The bytes as a chunk; the buffer goes back to the pool when the
@@ -214,7 +219,7 @@ struct Recycled {
 
 impl AsRef<[u8]> for Recycled {
     fn as_ref(&self) -> &[u8] {
-        self.data.get(page_start(&self.data)..).unwrap_or_default()
+        held(&self.data)
     }
 }
 
