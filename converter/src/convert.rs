@@ -9,7 +9,6 @@ use crate::OutputFormat;
 use crate::source::FileSource;
 use crate::unwrap;
 
-use crate::aligned::PageAlignedBuffer;
 use crate::copier::{copy_runs, Run};
 use crate::output::RawOutput;
 use crate::mapped::{Cluster, MappedImage};
@@ -51,7 +50,6 @@ pub fn mapped_to_raw(image: &dyn MappedImage, destination: &Path) -> Result<(), 
     // A single cluster (up to 2 MiB) may be larger than a run.
     let max_run = MAX_RUN.max(cluster_size);
     copy_runs(source, &output, output_error, max_run, |runs| {
-        let mut cluster = PageAlignedBuffer::new(cluster_size as usize);
         let mut batch: Vec<CompressedCluster> = Vec::with_capacity(COMPRESSED_BATCH);
         let mut pending: Option<Run> = None;
         image.visit_clusters(&mut |guest, mapping| -> Result<(), ConverterError> {
@@ -97,9 +95,7 @@ pub fn mapped_to_raw(image: &dyn MappedImage, destination: &Path) -> Result<(), 
                         }
                         let size = subcluster.min(length - start);
                         if allocated & (1 << index) != 0 {
-                            let data = &mut cluster.as_mut()[..size as usize];
-                            source.read_exact_at(data, host_offset + start).map_err(ConverterError::Read)?;
-                            output.write_data(guest + start, data).map_err(output_error)?;
+                            runs.push(Run { guest: guest + start, host: host_offset + start, length: size })?;
                         } else {
                             output.write_zeros(guest + start, size).map_err(output_error)?;
                         }
