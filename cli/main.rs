@@ -92,6 +92,12 @@ struct ConvertArgs {
     /// PEM CA certificates to trust for an https:// source or registry.
     #[arg(long)]
     ca_bundle: Option<PathBuf>,
+    /// A file holding a registry token for a docker:// source, sent as Bearer.
+    #[arg(long)]
+    registry_token_file: Option<PathBuf>,
+    /// Speak plain HTTP to a docker:// source's registry (loopback registries do unless --ca-bundle is given).
+    #[arg(long)]
+    plain_http: bool,
 }
 
 fn info(args: InfoArgs) -> anyhow::Result<()> {
@@ -123,7 +129,12 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         TargetFormat::Qcow2 => dvcr_converter::OutputFormat::Qcow2,
     };
     let source_text = args.source.to_string_lossy();
-    if let Some(remote) = transfer::remote_source(&source_text, args.ca_bundle.as_deref())? {
+    let access = transfer::RemoteAccess {
+        ca_bundle: args.ca_bundle.as_deref(),
+        registry_token_file: args.registry_token_file.as_deref(),
+        plain_http: args.plain_http,
+    };
+    if let Some(remote) = transfer::remote_source(&source_text, &access)? {
         if output_format != dvcr_converter::OutputFormat::Raw {
             anyhow::bail!("qcow2 output is written from local raw files; {source_text} can be converted to raw");
         }

@@ -128,10 +128,22 @@ pub struct UploadServerArgs {
     /// Keep serving after the image is stored (later uploads get 409).
     #[arg(long)]
     keep_running: bool,
+    /// Also take the upload at /upload/TOKEN (the external URL an Ingress passes on); letters and digits only.
+    #[arg(long, value_parser = parse_path_token)]
+    path_token: Option<String>,
     #[command(flatten)]
     push: PushArgs,
     #[command(flatten)]
     report: ReportArgs,
+}
+
+/// A path token: 16 to 64 letters and digits, so it is one path segment and hard to guess.
+fn parse_path_token(text: &str) -> Result<String, String> {
+    if (16..=64).contains(&text.len()) && text.chars().all(|c| c.is_ascii_alphanumeric()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not a path token: use 16 to 64 letters and digits"))
+    }
 }
 
 /// Parses 30s, 15m, 1h (a bare number is seconds).
@@ -317,7 +329,7 @@ async fn upload_server(args: UploadServerArgs) -> Result<(), CommandFailure> {
     tracing::info!(listen = %args.listen, destination = %destination, timeout = ?args.timeout, "waiting for an upload");
     let stored_slot = slot.clone();
     let keep_running = args.keep_running;
-    let server = axum::serve(listener, single_upload_router(slot.clone())).with_graceful_shutdown(async move {
+    let server = axum::serve(listener, single_upload_router(slot.clone(), args.path_token.as_deref())).with_graceful_shutdown(async move {
         if keep_running {
             std::future::pending::<()>().await;
         }
@@ -390,13 +402,25 @@ pub fn upload_sessions(listening: SocketAddr, lifetime: Duration) -> anyhow::Res
     Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options, lifetime))))
 }
 
+/// How a remote source is reached.
+#[derive(Default)]
+pub struct RemoteAccess<'a> {
+    /// PEM CA certificates to trust.
+    pub ca_bundle: Option<&'a std::path::Path>,
+    /// A registry token for a `docker://` source.
+    pub registry_token_file: Option<&'a std::path::Path>,
+    /// Plain HTTP to a `docker://` source's registry.
+    pub plain_http: bool,
+}
+
 /// A random-access reader for an `http(s)://` URL or a `docker://`
 /// reference, or `None` for a local path.
 pub fn remote_source(
     source: &str,
-    ca_bundle: Option<&std::path::Path>,
+    access: &RemoteAccess<'_>,
 ) -> anyhow::Result<Option<Box<dyn dvcr_converter::source::ReadAt>>> {
-    let ca_bundle = ca_bundle
+    let ca_bundle = access
+        .ca_bundle
         .map(|path| std::fs::read(path).with_context(|| format!("cannot read the CA bundle {}", path.display())))
         .transpose()?;
     if source.starts_with("http://") || source.starts_with("https://") {
@@ -406,8 +430,17 @@ pub fn remote_source(
     }
     if let Some(reference) = source.strip_prefix("docker://") {
         let reference = ImageReference::parse(reference)?;
+        let bearer_token = access
+            .registry_token_file
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the registry token {}", path.display()))
+            })
+            .transpose()?;
         let options = ClientOptions {
             ca_bundle,
+            plain_http: access.plain_http,
+            bearer_token,
             ..ClientOptions::default()
         };
         return Ok(Some(Box::new(dvcr_importer::remote_source::registry_disk(&reference, &options)?)));

@@ -71,7 +71,12 @@ if ! command -v kubectl >/dev/null 2>&1; then
     export PATH="$kubectl_root:$PATH"
 fi
 
+# One build from scratch gains nothing from incremental compilation, whose
+# caches would take gigabytes of disk beside the build itself.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+echo "disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 cargo build --locked --workspace --all-targets
+echo "disk after the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target/ $(du -sh target | cut -f1)"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 failed=0
 cargo nextest run --locked --workspace --no-fail-fast || failed=1

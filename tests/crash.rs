@@ -349,7 +349,7 @@ async fn kill_during_garbage_collection_loses_no_tagged_image() {
     let mut interrupted = 0;
     let mut last = blobs_before;
     for round in 0..8u64 {
-        let mut server = Server::start_with(&storage, common::free_port(), &collecting);
+        let mut server = Server::start_free(&storage, &collecting);
         if round % 2 == 0 {
             tokio::time::sleep(Duration::from_millis(35 + round * 13)).await;
         } else {
@@ -378,7 +378,7 @@ async fn kill_during_garbage_collection_loses_no_tagged_image() {
     }
 
     // A collection that runs to the end leaves the live images and nothing else.
-    let server = Server::start_with(&storage, common::free_port(), &collecting);
+    let server = Server::start_free(&storage, &collecting);
     wait_until(Duration::from_secs(120), || server.log().contains("garbage collection finished")).await;
     drop(server);
     let (blobs, tags) = verify_store(&storage);

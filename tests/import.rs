@@ -4,50 +4,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::containerd::{pull_and_compare, Containerd};
 use common::image::{self, pseudo_random};
+use common::file_server::FileServer;
 use common::{compress_file, require_tool, run, Server, DVCR};
 use serde_json::Value;
-
-/// tests/support/http_server.py serving `root` on 127.0.0.1.
-struct FileServer {
-    child: Child,
-    port: u16,
-}
-
-impl FileServer {
-    fn start(root: &Path) -> FileServer {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/http_server.py");
-        let mut child = Command::new(require_tool("python3"))
-            .arg(script)
-            .arg(root)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("cannot start the test HTTP server");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        BufReader::new(stdout).read_line(&mut line).expect("port line");
-        let port = line.trim().parse().expect("the test HTTP server did not print its port");
-        FileServer { child, port }
-    }
-
-    fn url(&self, mode: &str, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{mode}/{name}", self.port)
-    }
-}
-
-impl Drop for FileServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A qcow2 of 64 MiB virtual size with 6 MiB of data, made by qemu-img.
 fn make_qcow2(directory: &Path, name: &str) -> PathBuf {

@@ -154,7 +154,7 @@ async fn a_replica_killed_mid_push_leaves_nothing_visible_and_collection_frees_i
     let directory = tempfile::tempdir().unwrap();
     let storage = directory.path().join("bucket");
     let mut dying = Server::start(&storage);
-    let surviving = Server::start_with(&storage, free_port(), &[]);
+    let surviving = Server::start_free(&storage, &[]);
     let client = Client::new();
     let content = pseudo_random(48 << 20, 21);
     let digest = sha256_digest(&content);

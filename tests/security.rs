@@ -38,7 +38,7 @@ fn start_with_users(dir: &Path, extra: &[String]) -> Server {
     ];
     arguments.extend_from_slice(extra);
     let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    Server::start_with(&dir.join("data"), free_port(), &arguments)
+    Server::start_free(&dir.join("data"), &arguments)
 }
 
 /// Imports `size` pseudo-random bytes as `<repository>:v1` (disk file

@@ -128,6 +128,32 @@ fn curl_uploads_with_put_and_chunked_post() {
 }
 
 #[test]
+fn the_path_token_url_takes_the_upload_and_other_paths_do_not() {
+    let directory = tempfile::tempdir().unwrap();
+    let image = make_qcow2(directory.path(), 1);
+    let image_path = directory.path().join("upload.qcow2").display().to_string();
+    let server = Server::start(&directory.path().join("registry"));
+    let token = "Ab3".repeat(11) + "x";
+    let destination = format!("{}/vi/vms/ingress:uid", server.address);
+    let uploader = UploadServer::start(&destination, &["--path-token", &token]);
+    let external = format!("{}/{token}", uploader.url);
+    assert_eq!(curl(&[&external]).0, 200, "GET on the token path is ready too");
+    let wrong = format!("{}/{}", uploader.url, "B".repeat(34));
+    assert_eq!(curl(&["-T", &image_path, &wrong]).0, 404, "another token is not an upload URL");
+    let (status, body) = curl(&["-T", &image_path, &external]);
+    assert_eq!(status, 200, "{body}");
+    assert!(uploader.wait().status.success());
+    assert_eq!(stored_file(&server, "vi/vms/ingress", "uid"), image);
+
+    let refused = Command::new(DVCR)
+        .args(["upload-server", "--destination", &destination, "--path-token", "../etc"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a path token"));
+}
+
+#[test]
 fn concurrent_interrupted_and_late_uploads() {
     let directory = tempfile::tempdir().unwrap();
     let image = make_qcow2(directory.path(), 4);
@@ -212,7 +238,7 @@ fn serve_hands_out_single_use_upload_urls() {
 #[test]
 fn upload_sessions_expire() {
     let directory = tempfile::tempdir().unwrap();
-    let server = Server::start_with(&directory.path().join("registry"), free_port(), &["--upload-session-lifetime", "1s"]);
+    let server = Server::start_free(&directory.path().join("registry"), &["--upload-session-lifetime", "1s"]);
     let base = format!("http://{}", server.address);
     let (status, body) = curl(&["-X", "POST", &format!("{base}/dvcr/uploads?destination=vi/vms/late:uid")]);
     assert_eq!(status, 201);

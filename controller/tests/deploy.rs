@@ -112,6 +112,10 @@ fn decode_typed(object: &Value) {
             serde_json::from_value::<PersistentVolumeClaim>(object.clone()).map(drop)
         }
         "ClusterRole" => serde_json::from_value::<ClusterRole>(object.clone()).map(drop),
+        "ClusterRoleBinding" => {
+            serde_json::from_value::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(object.clone())
+                .map(drop)
+        }
         "ConfigMap" => {
             serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(object.clone())
                 .map(drop)
@@ -178,7 +182,7 @@ fn every_overlay_renders_and_parses_as_kubernetes_objects() {
             let kind = object["kind"].as_str().unwrap();
             let cluster_wide = matches!(
                 kind,
-                "CustomResourceDefinition" | "ClusterRole" | "Namespace"
+                "CustomResourceDefinition" | "ClusterRole" | "ClusterRoleBinding" | "Namespace"
             );
             if !cluster_wide {
                 assert_eq!(
@@ -345,4 +349,58 @@ fn user_roles_are_the_reference_role_matrix() {
             "{role_name} aggregation"
         );
     }
+}
+
+#[test]
+fn the_controller_is_granted_exactly_the_requests_it_makes() {
+    let objects = render("pvc");
+    let role = objects
+        .iter()
+        .find(|object| object["kind"] == "ClusterRole" && object["metadata"]["name"] == "dvcr:controller")
+        .expect("the controller's ClusterRole");
+    let role: ClusterRole = serde_json::from_value(role.clone()).unwrap();
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap_or_default() {
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                for verb in &rule.verbs {
+                    assert_ne!(verb, "*", "no wildcard verbs");
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    let needed: BTreeSet<(String, String, String)> = dvcr_controller::runtime::PERMISSIONS
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs
+                .iter()
+                .map(move |verb| (group.to_string(), resource.to_string(), verb.to_string()))
+        })
+        .collect();
+    assert_eq!(granted, needed, "deploy/base/controller.yaml and runtime::PERMISSIONS differ");
+
+    let binding = objects
+        .iter()
+        .find(|object| object["kind"] == "ClusterRoleBinding" && object["metadata"]["name"] == "dvcr:controller")
+        .expect("the controller's ClusterRoleBinding");
+    assert_eq!(binding["subjects"][0]["name"], "dvcr-controller");
+    assert_eq!(binding["subjects"][0]["namespace"], "dvcr");
+    let deployment = objects
+        .iter()
+        .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "dvcr-controller")
+        .expect("the controller's Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "dvcr-controller");
+    let container = &pod["containers"][0];
+    assert_eq!(container["name"], "controller", "own_image looks for this name");
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|variable| variable["name"].as_str())
+        .collect();
+    assert!(env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"), "{env:?}");
+    let args: Vec<&str> = container["args"].as_array().into_iter().flatten().filter_map(|arg| arg.as_str()).collect();
+    assert_eq!(args[1..3], ["controller", "run"]);
 }

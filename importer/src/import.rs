@@ -220,7 +220,7 @@ fn url_file_name(url: &str) -> String {
 
 /// Copies an image already in the destination's registry: every blob is
 /// mounted (no data moves) and the manifest is stored under the new tag.
-async fn copy_within_registry(
+pub async fn copy_within_registry(
     client: &mut RegistryClient,
     from: &ImageReference,
     destination: &ImageReference,

@@ -424,9 +424,8 @@ impl RegistryClient {
             .map(drop)
     }
 
-    /// Fetches a manifest: its media type and bytes.
-    pub async fn get_manifest(&self, repository: &str, reference: &str) -> Result<(String, Bytes), RegistryError> {
-        let action = format!("fetching the manifest {repository}:{reference}");
+    /// The `Accept` header of manifest requests: every manifest form.
+    fn manifest_accept() -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(
             ACCEPT,
@@ -435,9 +434,47 @@ impl RegistryClient {
                  application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json",
             ),
         );
+        headers
+    }
+
+    /// Whether a manifest is stored under `reference` (a `HEAD`).
+    pub async fn manifest_exists(&self, repository: &str, reference: &str) -> Result<bool, RegistryError> {
+        let action = format!("looking for the manifest {repository}:{reference}");
+        let response = self
+            .request(Method::HEAD, &format!("{}/v2/{repository}/manifests/{reference}", self.base))
+            .headers(Self::manifest_accept())
+            .send()
+            .await
+            .map_err(self.transport(&action))?;
+        match response.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(self.failure(&action, response).await),
+        }
+    }
+
+    /// Deletes the tag or manifest `reference`; `false` when it was not
+    /// there. The blobs stay for the garbage collector.
+    pub async fn delete_manifest(&self, repository: &str, reference: &str) -> Result<bool, RegistryError> {
+        let action = format!("deleting the manifest {repository}:{reference}");
+        let response = self
+            .request(Method::DELETE, &format!("{}/v2/{repository}/manifests/{reference}", self.base))
+            .send()
+            .await
+            .map_err(self.transport(&action))?;
+        match response.status() {
+            StatusCode::ACCEPTED | StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(self.failure(&action, response).await),
+        }
+    }
+
+    /// Fetches a manifest: its media type and bytes.
+    pub async fn get_manifest(&self, repository: &str, reference: &str) -> Result<(String, Bytes), RegistryError> {
+        let action = format!("fetching the manifest {repository}:{reference}");
         let response = self
             .request(Method::GET, &format!("{}/v2/{repository}/manifests/{reference}", self.base))
-            .headers(headers)
+            .headers(Self::manifest_accept())
             .send()
             .await
             .map_err(self.transport(&action))?;

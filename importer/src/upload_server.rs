@@ -155,15 +155,20 @@ fn failure_status(error: &ImportError) -> StatusCode {
 }
 
 /// The router of `dvcr upload-server`: `GET /upload` answers 200 (a
-/// readiness probe), `PUT`/`POST /upload` take the image.
-pub fn single_upload_router(slot: Arc<UploadSlot>) -> Router {
-    Router::new().route(
-        "/upload",
+/// readiness probe), `PUT`/`POST /upload` take the image. With a
+/// `path_token`, `/upload/<path_token>` does the same: the external URL an
+/// Ingress passes on unchanged, so no rewrite is needed in front.
+pub fn single_upload_router(slot: Arc<UploadSlot>, path_token: Option<&str>) -> Router {
+    let route = || {
         get(|| async { "ready for an upload: curl -T IMAGE URL\n" })
             .put(receive_single)
-            .post(receive_single),
-    )
-    .with_state(slot)
+            .post(receive_single)
+    };
+    let mut router = Router::new().route("/upload", route());
+    if let Some(token) = path_token {
+        router = router.route(&format!("/upload/{token}"), route());
+    }
+    router.with_state(slot)
 }
 
 async fn receive_single(State(slot): State<Arc<UploadSlot>>, headers: HeaderMap, body: Body) -> Response {

@@ -4,9 +4,11 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod file_server;
 pub mod image;
 pub mod pki;
 pub mod storage;
+pub mod token_registry;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -60,7 +62,22 @@ pub struct Server {
 impl Server {
     /// Starts `dvcr serve` on a free port over `storage`.
     pub fn start(storage: &Path) -> Server {
-        Server::start_on(storage, free_port())
+        Server::start_free(storage, &[])
+    }
+
+    /// Starts `dvcr serve` with `extra` arguments on a free port. A port
+    /// found free can be taken by another test before the server binds it:
+    /// then the server is started again on another one (up to 5 times).
+    pub fn start_free(storage: &Path, extra: &[&str]) -> Server {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Server::launch(storage, free_port(), extra) {
+                Ok(server) => return server,
+                Err(log) if attempts < 5 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("{log}"),
+            }
+        }
     }
 
     /// Starts `dvcr serve` on `port` over `storage` and waits until it answers.
@@ -70,6 +87,12 @@ impl Server {
 
     /// As [`Server::start_on`], with more `dvcr serve` arguments.
     pub fn start_with(storage: &Path, port: u16, extra: &[&str]) -> Server {
+        Server::launch(storage, port, extra).unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// Starts `dvcr serve` and waits until it answers; the failure and the
+    /// server's log otherwise.
+    fn launch(storage: &Path, port: u16, extra: &[&str]) -> Result<Server, String> {
         let address = format!("127.0.0.1:{port}");
         let log = storage.with_extension(format!("{port}.log"));
         let log_file = std::fs::OpenOptions::new()
@@ -94,16 +117,16 @@ impl Server {
             storage: storage.to_path_buf(),
             log,
         };
-        server.wait_ready();
-        server
+        server.wait_ready()?;
+        Ok(server)
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("dvcr serve exited with {status}; log:\n{}", self.log());
+                    return Err(format!("dvcr serve exited with {status}; log:\n{}", self.log()));
                 }
             }
             let log = self.log();
@@ -114,15 +137,15 @@ impl Server {
                     log.contains(expected),
                     "the server does not say it stores in a {expected}:\n{log}"
                 );
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!(
+        Err(format!(
             "dvcr serve did not listen on {} within 20 s; log:\n{}",
             self.address,
             self.log()
-        );
+        ))
     }
 
     /// `http://127.0.0.1:PORT` + `path`.

@@ -16,6 +16,7 @@ use super::common::Conditions;
     kind = "VirtualMachineIPAddress",
     doc = "A claim on an IP address for a virtual machine.",
     namespaced,
+    derive = "PartialEq",
     shortname = "vmip",
     category = "virtualization",
     status = "IpAddressStatus",

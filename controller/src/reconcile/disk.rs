@@ -1,0 +1,581 @@
+//! VirtualDisk: a PVC, blank or written from a Ready image by a
+//! provisioner Pod (`dvcr convert docker://IMAGE TARGET -O raw`, reading
+//! the image in place from the registry); growing `size` resizes the PVC.
+//!
+//! Disks from `HTTP`, `ContainerImage` and `Upload` (an intermediate copy
+//! in `vd/<ns>/<name>`) are not served yet: they are refused with a message
+//! saying to make a VirtualImage first.
+
+use dvcr_importer::reference::ImageReference;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::jiff::Timestamp;
+
+use super::image::SourceImage;
+use super::{Action, Plan, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
+use crate::api::common::ObjectRefKind;
+use crate::api::disk::{DiskPhase, DiskTarget, VirtualDiskSpec, VirtualDiskStatus};
+use crate::conditions::{self, types, Desired};
+use crate::import::human_bytes;
+use crate::workload::{
+    disk_claim, disk_claim_name, provisioner_name, worker_secret_name, DiskVolume, Owner, RepositoryAccess,
+    SecretKey, WorkerConfig, WorkerPod, WorkerSecret,
+};
+
+/// What the reconciler reads of a VirtualDisk.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskView<'a> {
+    /// `metadata.namespace`.
+    pub namespace: &'a str,
+    /// `metadata.name`.
+    pub name: &'a str,
+    /// `metadata.uid`.
+    pub uid: &'a str,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// `metadata.finalizers` holds [`super::FINALIZER`].
+    pub has_finalizer: bool,
+    /// `spec`.
+    pub spec: &'a VirtualDiskSpec,
+    /// `status`, as last written.
+    pub status: &'a VirtualDiskStatus,
+}
+
+/// What the I/O layer saw of the disk's PVC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimState {
+    /// `status.phase`: `Pending`, `Bound`, `Lost`.
+    pub phase: Option<String>,
+    /// `spec.resources.requests.storage`, in bytes.
+    pub requested_bytes: Option<u64>,
+    /// `status.capacity.storage`, in bytes.
+    pub capacity_bytes: Option<u64>,
+    /// `spec.storageClassName`.
+    pub storage_class: Option<String>,
+}
+
+/// What the I/O layer observed for one reconcile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskObserved {
+    /// The provisioner Pod.
+    pub provisioner: WorkerState,
+    /// The PVC.
+    pub claim: Option<ClaimState>,
+    /// The image an `objectRef` names.
+    pub source: Option<SourceImage>,
+    /// The storage class binds volumes only for a consuming Pod.
+    pub wait_for_first_consumer: bool,
+    /// The time now.
+    pub now: Timestamp,
+}
+
+impl DiskView<'_> {
+    fn owner(&self) -> Owner {
+        Owner {
+            kind: "VirtualDisk",
+            name: self.name.to_string(),
+            uid: self.uid.to_string(),
+        }
+    }
+
+    /// The image an `objectRef` names, as (kind, namespace, name).
+    pub fn source_object(&self) -> Option<(ObjectRefKind, Option<&str>, &str)> {
+        let object = self.spec.data_source.as_ref()?.object_ref.as_ref()?;
+        let namespace = match object.kind {
+            ObjectRefKind::ClusterVirtualImage => None,
+            _ => Some(self.namespace),
+        };
+        Some((object.kind, namespace, &object.name))
+    }
+}
+
+/// Parses a Kubernetes quantity of bytes (`10Gi`, `500M`, `1073741824`).
+pub fn quantity_bytes(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "k" => 1000,
+        "M" => 1000_u64.pow(2),
+        "G" => 1000_u64.pow(3),
+        "T" => 1000_u64.pow(4),
+        "P" => 1000_u64.pow(5),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        _ => return None,
+    };
+    if let Ok(whole) = number.parse::<u64>() {
+        return whole.checked_mul(multiplier);
+    }
+    let fractional: f64 = number.parse().ok()?;
+    let bytes = (fractional * multiplier as f64).ceil();
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+struct Refusal {
+    reason: &'static str,
+    message: String,
+}
+
+/// Decides the status and actions of a disk.
+pub fn reconcile(view: &DiskView<'_>, observed: &DiskObserved, config: &WorkerConfig) -> Plan<VirtualDiskStatus> {
+    let mut status = view.status.clone();
+    status.observed_generation = view.generation;
+    let cleanup = Action::DeleteWorker {
+        namespace: view.namespace.to_string(),
+        owner_uid: view.uid.to_string(),
+    };
+    if view.deleting {
+        status.phase = Some(DiskPhase::Terminating);
+        // The PVC is owned by the disk: Kubernetes deletes it after the disk.
+        let actions = if view.has_finalizer { vec![cleanup, Action::RemoveFinalizer] } else { Vec::new() };
+        return Plan {
+            status,
+            actions,
+            requeue_after: None,
+        };
+    }
+    let mut plan = Plan {
+        status,
+        actions: if view.has_finalizer { Vec::new() } else { vec![Action::AddFinalizer] },
+        requeue_after: None,
+    };
+    let claim_name = disk_claim_name(view.name, view.uid);
+    plan.status.target = Some(DiskTarget {
+        persistent_volume_claim_name: Some(claim_name.clone()),
+    });
+    if let Some(claim) = &observed.claim {
+        plan.status.storage_class_name = claim.storage_class.clone();
+        plan.status.capacity = claim.capacity_bytes.map(human_bytes);
+    }
+    let outcome = match view.status.phase {
+        Some(DiskPhase::Ready) | Some(DiskPhase::Resizing) | Some(DiskPhase::PvcLost) => {
+            if observed.provisioner != WorkerState::Absent {
+                plan.actions.push(cleanup.clone());
+            }
+            keep_ready(view, observed, &mut plan)
+        }
+        Some(DiskPhase::Failed) => {
+            if observed.provisioner != WorkerState::Absent {
+                plan.actions.push(cleanup.clone());
+            }
+            Ok(())
+        }
+        _ => provision(view, observed, config, &claim_name, &mut plan),
+    };
+    if let Err(refusal) = outcome {
+        if observed.provisioner != WorkerState::Absent && !plan.actions.contains(&cleanup) {
+            plan.actions.push(cleanup);
+        }
+        plan.status.phase = Some(DiskPhase::Failed);
+        set(&mut plan.status, observed.now, view.generation, types::READY, false, refusal.reason, refusal.message);
+    }
+    plan
+}
+
+fn set(
+    status: &mut VirtualDiskStatus,
+    now: Timestamp,
+    generation: Option<i64>,
+    condition_type: &str,
+    holds: bool,
+    reason: &str,
+    message: String,
+) {
+    conditions::set(
+        &mut status.conditions,
+        Desired {
+            condition_type,
+            status: holds,
+            reason,
+            message,
+        },
+        generation,
+        now,
+    );
+}
+
+/// `persistentVolumeClaim.size` in bytes, if given.
+fn requested_size(view: &DiskView<'_>) -> Result<Option<u64>, Refusal> {
+    let Some(size) = view.spec.persistent_volume_claim.size.as_ref() else {
+        return Ok(None);
+    };
+    quantity_bytes(&size.0).map(Some).ok_or_else(|| Refusal {
+        reason: "InvalidSize",
+        message: format!("persistentVolumeClaim.size {:?} is not a size", size.0),
+    })
+}
+
+/// A Ready disk: its PVC must stay, and may grow.
+fn keep_ready(
+    view: &DiskView<'_>,
+    observed: &DiskObserved,
+    plan: &mut Plan<VirtualDiskStatus>,
+) -> Result<(), Refusal> {
+    let (now, generation) = (observed.now, view.generation);
+    let Some(claim) = observed.claim.as_ref().filter(|claim| claim.phase.as_deref() != Some("Lost")) else {
+        plan.status.phase = Some(DiskPhase::PvcLost);
+        set(
+            &mut plan.status,
+            now,
+            generation,
+            types::READY,
+            false,
+            "PVCLost",
+            "the disk's PVC is gone; its data is lost".into(),
+        );
+        return Ok(());
+    };
+    plan.requeue_after = Some(IMAGE_CHECK_INTERVAL);
+    let wanted = requested_size(view)?;
+    let requested = claim.requested_bytes.unwrap_or(0);
+    match wanted {
+        Some(wanted) if wanted > requested => {
+            plan.actions.push(Action::ResizeClaim {
+                namespace: view.namespace.to_string(),
+                name: disk_claim_name(view.name, view.uid),
+                bytes: wanted,
+            });
+            plan.status.phase = Some(DiskPhase::Resizing);
+            set(
+                &mut plan.status,
+                now,
+                generation,
+                types::RESIZED,
+                false,
+                "Resizing",
+                format!("growing the PVC from {} to {}", human_bytes(requested), human_bytes(wanted)),
+            );
+            plan.requeue_after = Some(PROGRESS_INTERVAL);
+        }
+        Some(wanted) if wanted < requested => {
+            set(
+                &mut plan.status,
+                now,
+                generation,
+                types::RESIZED,
+                false,
+                "ShrinkNotSupported",
+                format!(
+                    "persistentVolumeClaim.size {} is below the PVC's {}: disks only grow",
+                    human_bytes(wanted),
+                    human_bytes(requested)
+                ),
+            );
+            plan.status.phase = Some(DiskPhase::Ready);
+        }
+        _ if claim.capacity_bytes.unwrap_or(0) < requested => {
+            // Requested, not yet grown by the storage.
+            plan.status.phase = Some(DiskPhase::Resizing);
+            plan.requeue_after = Some(PROGRESS_INTERVAL);
+        }
+        _ => {
+            if plan.status.phase == Some(DiskPhase::Resizing) {
+                set(
+                    &mut plan.status,
+                    now,
+                    generation,
+                    types::RESIZED,
+                    true,
+                    "Resized",
+                    format!("the PVC has {}", human_bytes(claim.capacity_bytes.unwrap_or(0))),
+                );
+            }
+            plan.status.phase = Some(DiskPhase::Ready);
+            set(&mut plan.status, now, generation, types::READY, true, "Ready", "the disk is ready".into());
+        }
+    }
+    Ok(())
+}
+
+/// A disk being made: the source, the PVC, the provisioner.
+fn provision(
+    view: &DiskView<'_>,
+    observed: &DiskObserved,
+    config: &WorkerConfig,
+    claim_name: &str,
+    plan: &mut Plan<VirtualDiskStatus>,
+) -> Result<(), Refusal> {
+    let (now, generation) = (observed.now, view.generation);
+    let requested = requested_size(view)?;
+    let mode = config.disk_volume_mode;
+    let storage_class = view.spec.persistent_volume_claim.storage_class_name.as_deref();
+
+    // What to write, and how large the PVC must be.
+    let (image, disk_bytes) = match &view.spec.data_source {
+        None => {
+            let bytes = requested.ok_or_else(|| Refusal {
+                reason: "InvalidSize",
+                message: "a blank disk needs persistentVolumeClaim.size".into(),
+            })?;
+            (None, bytes)
+        }
+        Some(source) if source.object_ref.is_none() => {
+            return Err(Refusal {
+                reason: "InvalidDataSource",
+                message: format!(
+                    "a VirtualDisk from dataSource.type {:?} is not supported yet: create a VirtualImage from it \
+                     and a VirtualDisk with an objectRef to that image",
+                    source.source_type
+                ),
+            })
+        }
+        Some(_) => {
+            let Some((kind, namespace, name)) = view.source_object() else {
+                return Err(Refusal {
+                    reason: "InvalidDataSource",
+                    message: "dataSource.objectRef is missing".into(),
+                });
+            };
+            if kind == ObjectRefKind::VirtualDisk {
+                return Err(Refusal {
+                    reason: "InvalidDataSource",
+                    message: "a VirtualDisk cannot be made from another VirtualDisk yet; use an image".into(),
+                });
+            }
+            let described = match namespace {
+                Some(namespace) => format!("{kind:?} {namespace}/{name}"),
+                None => format!("{kind:?} {name}"),
+            };
+            match &observed.source {
+                Some(SourceImage::Ready {
+                    registry_url, size, ..
+                }) => {
+                    let virtual_bytes = size
+                        .as_ref()
+                        .and_then(|size| size.unpacked_bytes.as_deref())
+                        .and_then(|bytes| bytes.parse::<u64>().ok())
+                        .ok_or_else(|| Refusal {
+                            reason: "InvalidDataSource",
+                            message: format!("{described} does not report its virtual size"),
+                        })?;
+                    if let Some(requested) = requested.filter(|requested| *requested < virtual_bytes) {
+                        return Err(Refusal {
+                            reason: "InvalidSize",
+                            message: format!(
+                                "persistentVolumeClaim.size {} is smaller than the image's virtual size {}",
+                                human_bytes(requested),
+                                human_bytes(virtual_bytes)
+                            ),
+                        });
+                    }
+                    (Some(registry_url.clone()), requested.unwrap_or(virtual_bytes))
+                }
+                other => {
+                    let (reason, message) = match other {
+                        Some(SourceImage::NotReady(phase)) => (
+                            "SourceNotReady",
+                            format!(
+                                "waiting for {described} to be Ready (it is {})",
+                                phase.as_deref().unwrap_or("without a phase")
+                            ),
+                        ),
+                        _ => ("SourceNotFound", format!("waiting for {described}: it does not exist")),
+                    };
+                    plan.status.phase = Some(DiskPhase::Pending);
+                    set(&mut plan.status, now, generation, types::DATASOURCE_READY, false, reason, message.clone());
+                    set(&mut plan.status, now, generation, types::READY, false, reason, message);
+                    plan.requeue_after = Some(WAIT_INTERVAL);
+                    return Ok(());
+                }
+            }
+        }
+    };
+    if image.is_some() {
+        set(
+            &mut plan.status,
+            now,
+            generation,
+            types::DATASOURCE_READY,
+            true,
+            "Ready",
+            "the image is Ready".into(),
+        );
+    }
+
+    let Some(claim) = &observed.claim else {
+        plan.actions.push(Action::CreateClaim(Box::new(claim_for(view, disk_bytes, storage_class, mode))));
+        if let Some(image) = &image {
+            start_provisioner(view, config, claim_name, image, plan)?;
+        }
+        plan.status.phase = Some(DiskPhase::Provisioning);
+        plan.status.progress = Some("0%".into());
+        set(&mut plan.status, now, generation, types::READY, false, "Provisioning", "creating the PVC".into());
+        plan.requeue_after = Some(PROGRESS_INTERVAL);
+        return Ok(());
+    };
+    if claim.phase.as_deref() == Some("Lost") {
+        return Err(Refusal {
+            reason: "PVCLost",
+            message: format!("the PVC {claim_name} lost its volume"),
+        });
+    }
+    let bound = claim.phase.as_deref() == Some("Bound");
+    let Some(image) = image else {
+        // Blank: ready once bound (or waiting for its first consumer).
+        if bound {
+            plan.status.phase = Some(DiskPhase::Ready);
+            plan.status.progress = Some("100%".into());
+            set(&mut plan.status, now, generation, types::READY, true, "Ready", "the blank disk is ready".into());
+            plan.requeue_after = Some(IMAGE_CHECK_INTERVAL);
+        } else if observed.wait_for_first_consumer {
+            plan.status.phase = Some(DiskPhase::WaitForFirstConsumer);
+            set(
+                &mut plan.status,
+                now,
+                generation,
+                types::READY,
+                false,
+                "WaitForFirstConsumer",
+                "the storage class binds the volume when a virtual machine first uses the disk".into(),
+            );
+            plan.requeue_after = Some(WAIT_INTERVAL);
+        } else {
+            plan.status.phase = Some(DiskPhase::Provisioning);
+            set(&mut plan.status, now, generation, types::READY, false, "Provisioning", "binding the PVC".into());
+            plan.requeue_after = Some(PROGRESS_INTERVAL);
+        }
+        return Ok(());
+    };
+    match &observed.provisioner {
+        WorkerState::Absent => {
+            // The PVC exists but the provisioner is gone before it finished
+            // (deleted, or its node went away): write the image again.
+            start_provisioner(view, config, claim_name, &image, plan)?;
+            plan.status.phase = Some(DiskPhase::Provisioning);
+            let message = "starting the provisioner".to_string();
+            set(&mut plan.status, now, generation, types::READY, false, "Provisioning", message);
+            plan.requeue_after = Some(PROGRESS_INTERVAL);
+        }
+        WorkerState::Pending { waiting } => {
+            plan.status.phase = Some(DiskPhase::Provisioning);
+            let message = match waiting {
+                Some(reason) => format!("the provisioner Pod waits: {reason}"),
+                None => "the provisioner Pod is starting".into(),
+            };
+            set(&mut plan.status, now, generation, types::READY, false, "Provisioning", message);
+            plan.requeue_after = Some(PROGRESS_INTERVAL);
+        }
+        WorkerState::Running { .. } => {
+            plan.status.phase = Some(DiskPhase::Provisioning);
+            set(
+                &mut plan.status,
+                now,
+                generation,
+                types::READY,
+                false,
+                "Provisioning",
+                format!("writing {image} into the PVC"),
+            );
+            plan.requeue_after = Some(PROGRESS_INTERVAL);
+        }
+        WorkerState::Succeeded { .. } => {
+            plan.actions.push(Action::DeleteWorker {
+                namespace: view.namespace.to_string(),
+                owner_uid: view.uid.to_string(),
+            });
+            plan.status.phase = Some(DiskPhase::Ready);
+            plan.status.progress = Some("100%".into());
+            set(&mut plan.status, now, generation, types::READY, true, "Ready", format!("written from {image}"));
+            plan.requeue_after = Some(IMAGE_CHECK_INTERVAL);
+        }
+        WorkerState::Failed { report, reason } => {
+            let said = report
+                .as_deref()
+                .map(str::trim)
+                .filter(|text| !text.is_empty())
+                .map(|text| text.lines().last().unwrap_or(text).to_string());
+            return Err(Refusal {
+                reason: "ProvisioningFailed",
+                message: match said {
+                    Some(said) => format!("writing {image} into the PVC failed: {said}"),
+                    None => format!("the provisioner Pod failed ({reason}); see its events"),
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+fn claim_for(
+    view: &DiskView<'_>,
+    disk_bytes: u64,
+    storage_class: Option<&str>,
+    mode: crate::workload::VolumeMode,
+) -> PersistentVolumeClaim {
+    disk_claim(&view.owner(), view.namespace, mode.claim_bytes(disk_bytes), storage_class, mode)
+}
+
+/// The provisioner: a token to pull the image, and `dvcr convert` from the
+/// registry into the PVC.
+fn start_provisioner(
+    view: &DiskView<'_>,
+    config: &WorkerConfig,
+    claim_name: &str,
+    image: &str,
+    plan: &mut Plan<VirtualDiskStatus>,
+) -> Result<(), Refusal> {
+    let repository = ImageReference::parse(image)
+        .map_err(|error| Refusal {
+            reason: "InvalidDataSource",
+            message: format!("the image's registryURL {image:?} is not a reference: {error}"),
+        })?
+        .repository;
+    let owner = view.owner();
+    let secret = WorkerSecret {
+        key: SecretKey {
+            namespace: view.namespace.to_string(),
+            name: worker_secret_name(view.uid),
+        },
+        owner: owner.clone(),
+        access: vec![RepositoryAccess {
+            repository,
+            actions: vec!["pull"],
+        }],
+        source_ca_bundle: None,
+        pull_secret: None,
+        registry_ca_bundle: config.registry_ca_bundle.clone(),
+    };
+    let files = secret.mounted_files();
+    let mode = config.disk_volume_mode;
+    let mut args = vec![
+        "convert".to_string(),
+        format!("docker://{image}"),
+        mode.provisioner_target().to_string(),
+        "-O".into(),
+        "raw".into(),
+    ];
+    if let Some(path) = &files.registry_token_file {
+        args.push(format!("--registry-token-file={path}"));
+    }
+    if let Some(path) = &files.registry_ca_bundle {
+        args.push(format!("--ca-bundle={path}"));
+    }
+    if config.registry_plain_http {
+        args.push("--plain-http".into());
+    }
+    plan.actions.push(Action::CreateSecret(secret));
+    plan.actions.push(Action::CreatePod(WorkerPod {
+        key: SecretKey {
+            namespace: view.namespace.to_string(),
+            name: provisioner_name(view.uid),
+        },
+        component: "provisioner",
+        owner,
+        args,
+        secret_name: worker_secret_name(view.uid),
+        disk: Some(DiskVolume {
+            claim_name: claim_name.to_string(),
+            mode,
+        }),
+    }));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,425 @@
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use super::*;
+use crate::api::common::{DataSource, DataSourceType, HttpSource, ImageSize, ObjectRefSource};
+use crate::api::disk::DiskPersistentVolumeClaim;
+use crate::workload::VolumeMode;
+
+const UID: &str = "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9";
+const IMAGE: &str = "dvcr.dvcr.svc/cvi/noble:cafe";
+
+fn config(mode: VolumeMode) -> WorkerConfig {
+    crate::workload::test_config(mode)
+}
+
+fn spec(size: Option<&str>, source: Option<DataSource>) -> VirtualDiskSpec {
+    VirtualDiskSpec {
+        persistent_volume_claim: DiskPersistentVolumeClaim {
+            size: size.map(|size| Quantity(size.into())),
+            storage_class_name: Some("fast".into()),
+        },
+        data_source: source,
+    }
+}
+
+fn from_image() -> Option<DataSource> {
+    Some(DataSource {
+        source_type: DataSourceType::ObjectRef,
+        http: None,
+        container_image: None,
+        object_ref: Some(ObjectRefSource {
+            kind: ObjectRefKind::ClusterVirtualImage,
+            name: "noble".into(),
+            namespace: None,
+        }),
+    })
+}
+
+fn view<'a>(spec: &'a VirtualDiskSpec, status: &'a VirtualDiskStatus) -> DiskView<'a> {
+    DiskView {
+        namespace: "vms",
+        name: "root",
+        uid: UID,
+        generation: Some(1),
+        deleting: false,
+        has_finalizer: true,
+        spec,
+        status,
+    }
+}
+
+fn ready_image(virtual_bytes: u64) -> SourceImage {
+    SourceImage::Ready {
+        registry_url: IMAGE.into(),
+        uid: "cafe".into(),
+        size: Some(ImageSize {
+            unpacked_bytes: Some(virtual_bytes.to_string()),
+            ..ImageSize::default()
+        }),
+        format: Some("qcow2".into()),
+        cdrom: Some(false),
+    }
+}
+
+fn observed(provisioner: WorkerState, claim: Option<ClaimState>, source: Option<SourceImage>) -> DiskObserved {
+    DiskObserved {
+        provisioner,
+        claim,
+        source,
+        wait_for_first_consumer: false,
+        now: Timestamp::from_second(1_800_000_000).unwrap_or(Timestamp::UNIX_EPOCH),
+    }
+}
+
+fn bound(requested: u64, capacity: u64) -> Option<ClaimState> {
+    Some(ClaimState {
+        phase: Some("Bound".into()),
+        requested_bytes: Some(requested),
+        capacity_bytes: Some(capacity),
+        storage_class: Some("fast".into()),
+    })
+}
+
+fn ready_condition(status: &VirtualDiskStatus) -> (String, String, String) {
+    conditions::find(&status.conditions, types::READY)
+        .map(|condition| (condition.status.clone(), condition.reason.clone(), condition.message.clone()))
+        .unwrap_or_default()
+}
+
+fn cleanup() -> Action {
+    Action::DeleteWorker {
+        namespace: "vms".into(),
+        owner_uid: UID.into(),
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn quantities_are_read_in_bytes() {
+    assert_eq!(quantity_bytes("10Gi"), Some(10 * GIB));
+    assert_eq!(quantity_bytes("500M"), Some(500_000_000));
+    assert_eq!(quantity_bytes("1073741824"), Some(GIB));
+    assert_eq!(quantity_bytes("1.5Gi"), Some(3 * GIB / 2));
+    assert_eq!(quantity_bytes("20000000Pi"), None, "overflow is no size");
+    assert_eq!(quantity_bytes("ten"), None);
+    assert_eq!(quantity_bytes("10Xi"), None);
+}
+
+#[test]
+fn a_disk_from_an_image_gets_a_pvc_and_a_provisioner_in_one_step() {
+    let disk = spec(None, from_image());
+    let status = VirtualDiskStatus::default();
+    let plan = reconcile(
+        &view(&disk, &status),
+        &observed(WorkerState::Absent, None, Some(ready_image(10 * GIB))),
+        &config(VolumeMode::Block),
+    );
+    let Some(Action::CreateClaim(claim)) = plan.actions.first() else {
+        panic!("no PVC first: {:?}", plan.actions);
+    };
+    let claim = serde_json::to_value(claim.as_ref()).unwrap_or_default();
+    assert_eq!(claim["metadata"]["name"], format!("vd-root-{UID}"));
+    assert_eq!(claim["metadata"]["ownerReferences"][0]["kind"], "VirtualDisk");
+    assert_eq!(claim["spec"]["volumeMode"], "Block");
+    assert_eq!(claim["spec"]["storageClassName"], "fast");
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], (10 * GIB).to_string(), "the virtual size");
+    let Some(Action::CreateSecret(secret)) = plan.actions.get(1) else {
+        panic!("no Secret: {:?}", plan.actions);
+    };
+    assert_eq!(secret.access[0].repository, "cvi/noble");
+    assert_eq!(secret.access[0].actions, vec!["pull"], "a provisioner only reads");
+    let Some(Action::CreatePod(pod)) = plan.actions.get(2) else {
+        panic!("no Pod: {:?}", plan.actions);
+    };
+    assert_eq!(pod.key.name, format!("dvcr-provisioner-{UID}"));
+    assert_eq!(
+        pod.args,
+        vec![
+            "convert".to_string(),
+            format!("docker://{IMAGE}"),
+            "/dev/dvcr-disk".into(),
+            "-O".into(),
+            "raw".into(),
+            "--registry-token-file=/var/run/dvcr/registry-token".into(),
+            "--ca-bundle=/var/run/dvcr/registry-ca.crt".into(),
+        ]
+    );
+    let shaped = serde_json::to_value(pod.pod(&config(VolumeMode::Block))).unwrap_or_default();
+    let container = &shaped["spec"]["containers"][0];
+    assert_eq!(container["volumeDevices"][0]["devicePath"], "/dev/dvcr-disk");
+    assert_eq!(container["terminationMessagePolicy"], "FallbackToLogsOnError");
+    assert_eq!(shaped["spec"]["volumes"][2]["persistentVolumeClaim"]["claimName"], format!("vd-root-{UID}"));
+    assert_eq!(plan.status.phase, Some(DiskPhase::Provisioning));
+    assert_eq!(
+        plan.status.target.as_ref().and_then(|target| target.persistent_volume_claim_name.clone()),
+        Some(format!("vd-root-{UID}"))
+    );
+}
+
+#[test]
+fn a_filesystem_disk_is_written_as_disk_img_on_a_larger_pvc() {
+    let disk = spec(Some("20Gi"), from_image());
+    let status = VirtualDiskStatus::default();
+    let plan = reconcile(
+        &view(&disk, &status),
+        &observed(WorkerState::Absent, None, Some(ready_image(10 * GIB))),
+        &config(VolumeMode::Filesystem),
+    );
+    let Some(Action::CreateClaim(claim)) = plan.actions.first() else {
+        panic!("no PVC: {:?}", plan.actions);
+    };
+    let requested = claim
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.resources.as_ref())
+        .and_then(|resources| resources.requests.as_ref())
+        .and_then(|requests| requests.get("storage"))
+        .and_then(|quantity| quantity_bytes(&quantity.0))
+        .unwrap_or(0);
+    assert_eq!(requested, VolumeMode::Filesystem.claim_bytes(20 * GIB));
+    assert!(requested > 20 * GIB, "room for the file system");
+    let Some(Action::CreatePod(pod)) = plan.actions.get(2) else {
+        panic!("no Pod: {:?}", plan.actions);
+    };
+    assert_eq!(pod.args[2], "/disk/disk.img");
+}
+
+#[test]
+fn provisioning_runs_then_the_disk_is_ready_and_the_worker_goes() {
+    let disk = spec(None, from_image());
+    let status = VirtualDiskStatus {
+        phase: Some(DiskPhase::Provisioning),
+        ..VirtualDiskStatus::default()
+    };
+    let running = reconcile(
+        &view(&disk, &status),
+        &observed(WorkerState::Running { metrics: None }, bound(10 * GIB, 10 * GIB), Some(ready_image(10 * GIB))),
+        &config(VolumeMode::Block),
+    );
+    assert!(running.actions.is_empty(), "{:?}", running.actions);
+    assert_eq!(running.status.phase, Some(DiskPhase::Provisioning));
+    assert_eq!(running.status.capacity.as_deref(), Some("10.0Gi"));
+
+    let done = reconcile(
+        &view(&disk, &running.status),
+        &observed(
+            WorkerState::Succeeded { report: String::new() },
+            bound(10 * GIB, 10 * GIB),
+            Some(ready_image(10 * GIB)),
+        ),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(done.actions, vec![cleanup()]);
+    assert_eq!(done.status.phase, Some(DiskPhase::Ready));
+    assert_eq!(done.status.progress.as_deref(), Some("100%"));
+    assert_eq!(ready_condition(&done.status).0, "True");
+
+    // A provisioner lost halfway is started again on the same PVC.
+    let again = reconcile(
+        &view(&disk, &running.status),
+        &observed(WorkerState::Absent, bound(10 * GIB, 10 * GIB), Some(ready_image(10 * GIB))),
+        &config(VolumeMode::Block),
+    );
+    assert!(again.actions.iter().any(|action| matches!(action, Action::CreatePod(_))));
+    assert!(!again.actions.iter().any(|action| matches!(action, Action::CreateClaim(_))));
+}
+
+#[test]
+fn a_failed_provisioner_says_why_from_its_last_log_line() {
+    let disk = spec(None, from_image());
+    let status = VirtualDiskStatus {
+        phase: Some(DiskPhase::Provisioning),
+        ..VirtualDiskStatus::default()
+    };
+    let failed = WorkerState::Failed {
+        report: Some("INFO reading\nError: block device /dev/dvcr-disk has 1 bytes, the image needs 2\n".into()),
+        reason: "Error: exit code 1".into(),
+    };
+    let plan = reconcile(
+        &view(&disk, &status),
+        &observed(failed, bound(10 * GIB, 10 * GIB), Some(ready_image(10 * GIB))),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(plan.actions, vec![cleanup()]);
+    assert_eq!(plan.status.phase, Some(DiskPhase::Failed));
+    let (_, reason, message) = ready_condition(&plan.status);
+    assert_eq!(reason, "ProvisioningFailed");
+    assert!(message.ends_with("the image needs 2"), "{message}");
+    let killed = WorkerState::Failed {
+        report: None,
+        reason: "OOMKilled: exit code 137".into(),
+    };
+    let plan = reconcile(
+        &view(&disk, &status),
+        &observed(killed, bound(10 * GIB, 10 * GIB), Some(ready_image(10 * GIB))),
+        &config(VolumeMode::Block),
+    );
+    assert!(ready_condition(&plan.status).2.contains("OOMKilled"));
+}
+
+#[test]
+fn sources_are_waited_for_and_sizes_checked() {
+    let disk = spec(Some("5Gi"), from_image());
+    let status = VirtualDiskStatus::default();
+    let waiting = reconcile(
+        &view(&disk, &status),
+        &observed(WorkerState::Absent, None, Some(SourceImage::NotReady(Some("Provisioning".into())))),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(waiting.status.phase, Some(DiskPhase::Pending));
+    assert!(waiting.actions.is_empty());
+    assert_eq!(ready_condition(&waiting.status).1, "SourceNotReady");
+    let missing = reconcile(
+        &view(&disk, &status),
+        &observed(WorkerState::Absent, None, Some(SourceImage::Missing)),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(ready_condition(&missing.status).1, "SourceNotFound");
+
+    let small = reconcile(
+        &view(&disk, &status),
+        &observed(WorkerState::Absent, None, Some(ready_image(10 * GIB))),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(small.status.phase, Some(DiskPhase::Failed));
+    let (_, reason, message) = ready_condition(&small.status);
+    assert_eq!(reason, "InvalidSize");
+    assert!(message.contains("5.0Gi is smaller than the image's virtual size 10.0Gi"), "{message}");
+}
+
+#[test]
+fn blank_disks_need_a_size_and_may_wait_for_their_first_consumer() {
+    let no_size = spec(None, None);
+    let status = VirtualDiskStatus::default();
+    let plan = reconcile(
+        &view(&no_size, &status),
+        &observed(WorkerState::Absent, None, None),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(plan.status.phase, Some(DiskPhase::Failed));
+    assert_eq!(ready_condition(&plan.status).2, "a blank disk needs persistentVolumeClaim.size");
+
+    let blank = spec(Some("2Gi"), None);
+    let plan = reconcile(
+        &view(&blank, &status),
+        &observed(WorkerState::Absent, None, None),
+        &config(VolumeMode::Block),
+    );
+    assert!(matches!(plan.actions.as_slice(), [Action::CreateClaim(_)]), "{:?}", plan.actions);
+
+    let pending = Some(ClaimState {
+        phase: Some("Pending".into()),
+        requested_bytes: Some(2 * GIB),
+        capacity_bytes: None,
+        storage_class: Some("local".into()),
+    });
+    let mut look = observed(WorkerState::Absent, pending, None);
+    look.wait_for_first_consumer = true;
+    let plan = reconcile(&view(&blank, &plan.status), &look, &config(VolumeMode::Block));
+    assert_eq!(plan.status.phase, Some(DiskPhase::WaitForFirstConsumer));
+    assert_eq!(plan.status.storage_class_name.as_deref(), Some("local"));
+
+    let plan = reconcile(
+        &view(&blank, &plan.status),
+        &observed(WorkerState::Absent, bound(2 * GIB, 2 * GIB), None),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(plan.status.phase, Some(DiskPhase::Ready));
+    assert!(plan.actions.is_empty());
+}
+
+#[test]
+fn ready_disks_grow_never_shrink_and_notice_a_lost_pvc() {
+    let status = VirtualDiskStatus {
+        phase: Some(DiskPhase::Ready),
+        ..VirtualDiskStatus::default()
+    };
+    let grown = spec(Some("20Gi"), from_image());
+    let plan = reconcile(
+        &view(&grown, &status),
+        &observed(WorkerState::Absent, bound(10 * GIB, 10 * GIB), None),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(
+        plan.actions,
+        vec![Action::ResizeClaim {
+            namespace: "vms".into(),
+            name: format!("vd-root-{UID}"),
+            bytes: 20 * GIB,
+        }]
+    );
+    assert_eq!(plan.status.phase, Some(DiskPhase::Resizing));
+
+    // Requested, the storage has not grown it yet.
+    let plan = reconcile(
+        &view(&grown, &plan.status),
+        &observed(WorkerState::Absent, bound(20 * GIB, 10 * GIB), None),
+        &config(VolumeMode::Block),
+    );
+    assert!(plan.actions.is_empty());
+    assert_eq!(plan.status.phase, Some(DiskPhase::Resizing));
+    let plan = reconcile(
+        &view(&grown, &plan.status),
+        &observed(WorkerState::Absent, bound(20 * GIB, 20 * GIB), None),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(plan.status.phase, Some(DiskPhase::Ready));
+    let resized = conditions::find(&plan.status.conditions, types::RESIZED).map(|condition| condition.status.clone());
+    assert_eq!(resized.as_deref(), Some("True"));
+
+    let shrunk = spec(Some("5Gi"), from_image());
+    let plan = reconcile(
+        &view(&shrunk, &status),
+        &observed(WorkerState::Absent, bound(10 * GIB, 10 * GIB), None),
+        &config(VolumeMode::Block),
+    );
+    assert!(plan.actions.is_empty());
+    assert_eq!(plan.status.phase, Some(DiskPhase::Ready));
+    let reason = conditions::find(&plan.status.conditions, types::RESIZED).map(|condition| condition.reason.clone());
+    assert_eq!(reason.as_deref(), Some("ShrinkNotSupported"));
+
+    let lost = reconcile(
+        &view(&grown, &status),
+        &observed(WorkerState::Absent, None, None),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(lost.status.phase, Some(DiskPhase::PvcLost));
+}
+
+#[test]
+fn deletion_and_unsupported_sources() {
+    let disk = spec(None, from_image());
+    let status = VirtualDiskStatus::default();
+    let mut leaving = view(&disk, &status);
+    leaving.deleting = true;
+    let plan = reconcile(&leaving, &observed(WorkerState::Absent, None, None), &config(VolumeMode::Block));
+    assert_eq!(plan.actions, vec![cleanup(), Action::RemoveFinalizer]);
+    assert_eq!(plan.status.phase, Some(DiskPhase::Terminating));
+
+    let mut fresh = view(&disk, &status);
+    fresh.has_finalizer = false;
+    let plan = reconcile(&fresh, &observed(WorkerState::Absent, None, None), &config(VolumeMode::Block));
+    assert_eq!(plan.actions.first(), Some(&Action::AddFinalizer));
+
+    let http = spec(
+        Some("10Gi"),
+        Some(DataSource {
+            source_type: DataSourceType::Http,
+            http: Some(HttpSource {
+                url: "https://images.example/x.img".into(),
+                ca_bundle: None,
+                checksum: None,
+            }),
+            container_image: None,
+            object_ref: None,
+        }),
+    );
+    let plan = reconcile(
+        &view(&http, &status),
+        &observed(WorkerState::Absent, None, None),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(plan.status.phase, Some(DiskPhase::Failed));
+    assert!(ready_condition(&plan.status).2.contains("create a VirtualImage from it"));
+}

@@ -1,0 +1,429 @@
+//! The controller's worker Pods, run for real: the Secret and the `dvcr`
+//! arguments the image reconciler plans are carried out here by the real
+//! binary against a real registry (scoped tokens on), a real HTTP server and
+//! curl, with the Pod's mounts mapped onto folders; the report each worker
+//! leaves is fed back to the reconciler, which must then say Ready (or
+//! Failed, with the importer's reason).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::file_server::FileServer;
+use common::image::pseudo_random;
+use common::token_registry::TokenRegistry;
+use common::{free_port, require_tool, run, wait_for_listener, DVCR};
+use dvcr_controller::api::common::{Checksum, DataSource, DataSourceType, HttpSource};
+use dvcr_controller::api::image::{ImagePhase, ImageStatus, ImageStorage};
+use dvcr_controller::conditions::{find, types};
+use dvcr_controller::reconcile::image::{reconcile, ImageKind, ImageObserved, ImageView};
+use dvcr_controller::reconcile::{Action, Plan, WorkerState};
+use dvcr_controller::workload::{
+    UploadIngress, VolumeMode, WorkerConfig, WorkerPod, WorkerSecret, SCRATCH_MOUNT, SECRET_MOUNT,
+};
+use dvcr_controller::k8s_openapi::jiff::Timestamp;
+
+const UID: &str = "5a1f0c9e-7d3b-4e2a-9c61-0f8e2d4b7a13";
+
+/// A registry that takes only scoped tokens, and the key to mint them.
+struct Cluster(TokenRegistry);
+
+impl std::ops::Deref for Cluster {
+    type Target = TokenRegistry;
+
+    fn deref(&self) -> &TokenRegistry {
+        &self.0
+    }
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        Cluster(TokenRegistry::start())
+    }
+
+    fn config(&self) -> WorkerConfig {
+        WorkerConfig {
+            registry_host: self.server.address.clone(),
+            registry_ca_bundle: None,
+            registry_plain_http: true,
+            dvcr_image: "dvcr:test".into(),
+            controller_namespace: "dvcr".into(),
+            upload_ingress: Some(UploadIngress {
+                host: "upload.example.com".into(),
+                class_name: None,
+                tls_secret_name: None,
+            }),
+            upload_timeout_seconds: 60,
+            disk_volume_mode: VolumeMode::Filesystem,
+        }
+    }
+
+    /// Mints the token the I/O layer would, and writes the Secret's data
+    /// where the Pod would see it mounted.
+    fn mount_secret(&self, secret: &WorkerSecret, mount: &Path) {
+        let access: Vec<String> = secret
+            .access
+            .iter()
+            .map(|access| format!("repository:{}:{}", access.repository, access.actions.join(",")))
+            .collect();
+        let token = self.token(&access.iter().map(String::as_str).collect::<Vec<_>>());
+        std::fs::create_dir_all(mount).unwrap();
+        for (key, value) in secret.secret(&token, None).data.unwrap_or_default() {
+            std::fs::write(mount.join(key), value.0).unwrap();
+        }
+    }
+
+    /// The Pod's arguments with its mounts mapped onto folders here.
+    fn local_args(&self, pod: &WorkerPod, name: &str, ports: &[(&str, u16)]) -> (Vec<String>, std::path::PathBuf) {
+        let base = self.root.join(name);
+        let report = base.join("termination-log");
+        std::fs::create_dir_all(base.join("scratch")).unwrap();
+        let args = pod
+            .args
+            .iter()
+            .map(|arg| {
+                let mut arg = arg
+                    .replace(SECRET_MOUNT, &base.join("secret").display().to_string())
+                    .replace(SCRATCH_MOUNT, &base.join("scratch").display().to_string())
+                    .replace("/dev/termination-log", &report.display().to_string());
+                for (from, port) in ports {
+                    arg = arg.replace(from, &format!("127.0.0.1:{port}"));
+                }
+                arg
+            })
+            .collect();
+        (args, report)
+    }
+}
+
+fn http_source(url: String, sha256: Option<String>) -> DataSource {
+    DataSource {
+        source_type: DataSourceType::Http,
+        http: Some(HttpSource {
+            url,
+            ca_bundle: None,
+            checksum: sha256.map(|sha256| Checksum {
+                sha256: Some(sha256),
+                ..Checksum::default()
+            }),
+        }),
+        container_image: None,
+        object_ref: None,
+    }
+}
+
+fn view<'a>(source: &'a DataSource, status: &'a ImageStatus) -> ImageView<'a> {
+    ImageView {
+        kind: ImageKind::VirtualImage { namespace: "vms" },
+        name: "ubuntu",
+        uid: UID,
+        generation: Some(1),
+        deleting: false,
+        has_finalizer: true,
+        storage: ImageStorage::ContainerRegistry,
+        data_source: source,
+        status,
+    }
+}
+
+fn observed(worker: WorkerState) -> ImageObserved {
+    ImageObserved {
+        worker,
+        source: None,
+        stored: None,
+        now: Timestamp::now(),
+        fresh_upload_token: "Q7".repeat(16),
+    }
+}
+
+fn planned(plan: &Plan<ImageStatus>) -> (&WorkerSecret, &WorkerPod) {
+    planned_of(&plan.actions)
+}
+
+fn planned_of(actions: &[Action]) -> (&WorkerSecret, &WorkerPod) {
+    let secret = actions.iter().find_map(|action| match action {
+        Action::CreateSecret(secret) => Some(secret),
+        _ => None,
+    });
+    let pod = actions.iter().find_map(|action| match action {
+        Action::CreatePod(pod) => Some(pod),
+        _ => None,
+    });
+    match (secret, pod) {
+        (Some(secret), Some(pod)) => (secret, pod),
+        _ => panic!("no worker planned: {actions:?}"),
+    }
+}
+
+fn finished(output: &Output, report: &Path) -> WorkerState {
+    let report = std::fs::read_to_string(report).unwrap_or_default();
+    if output.status.success() {
+        WorkerState::Succeeded { report }
+    } else {
+        WorkerState::Failed {
+            report: Some(report),
+            reason: "Error".into(),
+        }
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    common::sha256_digest(data).trim_start_matches("sha256:").to_string()
+}
+
+fn layer_of(cluster: &Cluster, reference: &str) -> Vec<u8> {
+    let (repository, tag) = reference.split_once(':').unwrap_or_default();
+    let token = cluster.token(&[&format!("repository:{repository}:pull")]);
+    let bearer = format!("Authorization: Bearer {token}");
+    let curl = |path: &str| {
+        let output = Command::new(require_tool("curl"))
+            .args(["-sf", "-H", &bearer, "-H", "Accept: application/vnd.docker.distribution.manifest.v2+json"])
+            .arg(cluster.server.url(path))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "GET {path} failed");
+        output.stdout
+    };
+    let manifest = curl(&format!("/v2/{repository}/manifests/{tag}"));
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let digest = manifest["layers"][0]["digest"].as_str().unwrap_or_default().to_string();
+    curl(&format!("/v2/{repository}/blobs/{digest}"))
+}
+
+#[test]
+fn the_planned_importer_imports_and_its_report_makes_the_image_ready() {
+    let cluster = Cluster::start();
+    let files = cluster.root.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let disk = pseudo_random(3 << 20, 77);
+    std::fs::write(files.join("disk.img"), &disk).unwrap();
+    let web = FileServer::start(&files);
+    let config = cluster.config();
+
+    let source = http_source(web.url("plain", "disk.img"), Some(sha256_hex(&disk)));
+    let status = ImageStatus::default();
+    let plan = reconcile(&view(&source, &status), &observed(WorkerState::Absent), &config);
+    assert_eq!(plan.status.phase, Some(ImagePhase::Provisioning));
+    let (secret, pod) = planned(&plan);
+    cluster.mount_secret(secret, &cluster.root.join("importer/secret"));
+    let metrics_port = free_port();
+    let (args, report) = cluster.local_args(pod, "importer", &[("0.0.0.0:8090", metrics_port)]);
+    let output = Command::new(DVCR).args(&args).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+
+    let done = reconcile(
+        &view(&source, &plan.status),
+        &observed(finished(&output, &report)),
+        &config,
+    );
+    assert_eq!(done.status.phase, Some(ImagePhase::Ready), "{:?}", done.status.conditions);
+    assert_eq!(done.status.format.as_deref(), Some("raw"));
+    assert_eq!(done.status.size.as_ref().and_then(|size| size.unpacked_bytes.as_deref()), Some("3145728"));
+    let url = done.status.target.as_ref().and_then(|target| target.registry_url.clone()).unwrap_or_default();
+    assert_eq!(url, format!("{}/vi/vms/ubuntu:{UID}", cluster.server.address));
+    let layer = layer_of(&cluster, url.trim_start_matches(&format!("{}/", cluster.server.address)));
+    let tail = &layer[1024..1024 + disk.len()];
+    assert!(tail == disk.as_slice(), "the stored disk differs from the source");
+
+    // A checksum that does not match: the importer's reason reaches the status.
+    let wrong = http_source(web.url("plain", "disk.img"), Some("00".repeat(32)));
+    let other = ImageView {
+        uid: "6b2a1d0f-8e4c-4f3b-8d72-1a9f3e5c8b24",
+        ..view(&wrong, &status)
+    };
+    let plan = reconcile(&other, &observed(WorkerState::Absent), &config);
+    let (secret, pod) = planned(&plan);
+    cluster.mount_secret(secret, &cluster.root.join("bad/secret"));
+    let (args, report) = cluster.local_args(pod, "bad", &[("0.0.0.0:8090", free_port())]);
+    let output = Command::new(DVCR).args(&args).output().unwrap();
+    assert!(!output.status.success());
+    let failed = reconcile(
+        &ImageView {
+            status: &plan.status,
+            ..other
+        },
+        &observed(finished(&output, &report)),
+        &config,
+    );
+    assert_eq!(failed.status.phase, Some(ImagePhase::Failed));
+    let ready = find(&failed.status.conditions, types::READY).expect("a Ready condition");
+    assert_eq!(ready.reason, "BadImageChecksum", "{}", ready.message);
+    assert!(ready.message.contains("sha256"), "{}", ready.message);
+}
+
+#[test]
+fn the_planned_uploader_takes_curl_at_the_external_path_and_reports_ready() {
+    let cluster = Cluster::start();
+    let config = cluster.config();
+    let source = DataSource {
+        source_type: DataSourceType::Upload,
+        http: None,
+        container_image: None,
+        object_ref: None,
+    };
+    let status = ImageStatus::default();
+    let plan = reconcile(&view(&source, &status), &observed(WorkerState::Absent), &config);
+    assert_eq!(plan.status.phase, Some(ImagePhase::WaitForUserUpload));
+    let external = plan
+        .status
+        .image_upload_urls
+        .as_ref()
+        .and_then(|urls| urls.external.clone())
+        .unwrap_or_default();
+    let path = external.trim_start_matches("http://upload.example.com").to_string();
+    assert_eq!(path, format!("/upload/{}", "Q7".repeat(16)));
+
+    let (secret, pod) = planned(&plan);
+    cluster.mount_secret(secret, &cluster.root.join("uploader/secret"));
+    let (upload_port, metrics_port) = (free_port(), free_port());
+    let (args, report) = cluster.local_args(
+        pod,
+        "uploader",
+        &[("0.0.0.0:8080", upload_port), ("0.0.0.0:8090", metrics_port)],
+    );
+    let mut child = Command::new(DVCR).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_listener(upload_port, "the uploader");
+    wait_for_listener(metrics_port, "the uploader's metrics");
+
+    // Before the upload: the gauges say nothing arrived, the image waits.
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let metrics = run(Command::new(require_tool("curl")).args(["-sf", &metrics_url]));
+    let waiting = reconcile(
+        &view(&source, &plan.status),
+        &observed(WorkerState::Running { metrics: Some(metrics) }),
+        &config,
+    );
+    assert_eq!(waiting.status.phase, Some(ImagePhase::WaitForUserUpload));
+
+    let disk = pseudo_random(2 << 20, 78);
+    let image = cluster.root.join("upload.img");
+    std::fs::write(&image, &disk).unwrap();
+    let answer = run(Command::new(require_tool("curl")).args([
+        "-sf",
+        "-T",
+        &image.display().to_string(),
+        &format!("http://127.0.0.1:{upload_port}{path}"),
+    ]));
+    assert!(answer.contains("source-image-format"), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the uploader did not exit after the upload");
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let output = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    let done = reconcile(
+        &view(&source, &waiting.status),
+        &observed(finished(&output, &report)),
+        &config,
+    );
+    assert_eq!(done.status.phase, Some(ImagePhase::Ready), "{:?}", done.status.conditions);
+    assert_eq!(done.status.size.as_ref().and_then(|size| size.stored_bytes.as_deref()), Some("2097152"));
+}
+
+#[test]
+fn the_planned_provisioner_writes_the_stored_qcow2_as_the_raw_disk_qemu_img_makes() {
+    use dvcr_controller::api::common::{ImageSize, ObjectRefKind, ObjectRefSource};
+    use dvcr_controller::api::disk::{DiskPersistentVolumeClaim, DiskPhase, VirtualDiskSpec, VirtualDiskStatus};
+    use dvcr_controller::reconcile::disk::{self, ClaimState, DiskObserved, DiskView};
+    use dvcr_controller::reconcile::image::SourceImage;
+
+    let cluster = Cluster::start();
+    let config = cluster.config();
+    // A qcow2 with data and holes, stored as an image the way an import stores it.
+    let raw = cluster.root.join("source.raw");
+    let file = std::fs::File::create(&raw).unwrap();
+    file.set_len(48 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(3 << 20, 79), 5 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(1 << 20, 80), 40 << 20).unwrap();
+    let qcow2 = cluster.root.join("source.qcow2");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "qcow2"]).arg(&raw).arg(&qcow2));
+    let token = cluster.root.join("import-token");
+    std::fs::write(&token, cluster.token(&["repository:cvi/noble:pull,push"])).unwrap();
+    let image = format!("{}/cvi/noble:v1", cluster.server.address);
+    run(Command::new(DVCR).arg("import").arg(&qcow2).arg(&image).arg("--registry-token-file").arg(&token));
+
+    let disk_spec = VirtualDiskSpec {
+        persistent_volume_claim: DiskPersistentVolumeClaim::default(),
+        data_source: Some(DataSource {
+            source_type: DataSourceType::ObjectRef,
+            http: None,
+            container_image: None,
+            object_ref: Some(ObjectRefSource {
+                kind: ObjectRefKind::ClusterVirtualImage,
+                name: "noble".into(),
+                namespace: None,
+            }),
+        }),
+    };
+    let status = VirtualDiskStatus::default();
+    let view = DiskView {
+        namespace: "vms",
+        name: "root",
+        uid: UID,
+        generation: Some(1),
+        deleting: false,
+        has_finalizer: true,
+        spec: &disk_spec,
+        status: &status,
+    };
+    let source = SourceImage::Ready {
+        registry_url: image.clone(),
+        uid: "noble".into(),
+        size: Some(ImageSize {
+            unpacked_bytes: Some((48u64 << 20).to_string()),
+            ..ImageSize::default()
+        }),
+        format: Some("qcow2".into()),
+        cdrom: Some(false),
+    };
+    let look = |provisioner: WorkerState, claim: Option<ClaimState>| DiskObserved {
+        provisioner,
+        claim,
+        source: Some(source.clone()),
+        wait_for_first_consumer: false,
+        now: Timestamp::now(),
+    };
+    let plan = disk::reconcile(&view, &look(WorkerState::Absent, None), &config);
+    let (secret, pod) = planned_of(&plan.actions);
+    cluster.mount_secret(secret, &cluster.root.join("provisioner/secret"));
+    let (mut args, _) = cluster.local_args(pod, "provisioner", &[]);
+    // The PVC's file system, here a folder.
+    let volume = cluster.root.join("provisioner/disk");
+    std::fs::create_dir_all(&volume).unwrap();
+    for arg in args.iter_mut() {
+        if arg == "/disk/disk.img" {
+            *arg = volume.join("disk.img").display().to_string();
+        }
+    }
+    let output = Command::new(DVCR).args(&args).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    let written = std::fs::read(volume.join("disk.img")).unwrap();
+    let expected = cluster.root.join("expected.raw");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "raw"]).arg(&qcow2).arg(&expected));
+    assert!(written == std::fs::read(&expected).unwrap(), "the disk differs from qemu-img's raw");
+
+    let claim = ClaimState {
+        phase: Some("Bound".into()),
+        requested_bytes: Some(64 << 20),
+        capacity_bytes: Some(64 << 20),
+        storage_class: None,
+    };
+    let done = disk::reconcile(
+        &DiskView {
+            status: &plan.status,
+            ..view
+        },
+        &look(WorkerState::Succeeded { report: String::new() }, Some(claim)),
+        &config,
+    );
+    assert_eq!(done.status.phase, Some(DiskPhase::Ready), "{:?}", done.status.conditions);
+}
