@@ -771,12 +771,50 @@ async fn operations_are_sent_once_and_kubevirts_answer_recorded() {
         expect("GET", format!("{GROUP_PATH}/namespaces/vms/virtualmachines/web"), 200, machine.clone()),
         expect("PUT", "/apis/subresources.kubevirt.io/v1/namespaces/vms/virtualmachines/web/restart", 202, json!({})),
         expect("PATCH", operations_path.clone(), 200, answer.clone()).checking(|_, body| {
-            assert_eq!(body["status"]["phase"], "Completed");
+            assert_eq!(body["status"]["phase"], "InProgress");
             assert_eq!(body["status"]["conditions"][0]["type"], "SignalSent");
         }),
     ];
     let (outcome, ()) = tokio::join!(reconcile_operation(Arc::new(restart), context), serve(handle, exchanges));
     assert!(outcome.is_ok(), "{outcome:?}");
+
+    // Accepted a minute ago; KubeVirt shows a new instance running since
+    // 30 seconds: done, without sending anything again.
+    let ago = |seconds: i64| {
+        let now = dvcr_controller::k8s_openapi::jiff::Timestamp::now().as_second();
+        dvcr_controller::k8s_openapi::jiff::Timestamp::from_second(now - seconds).unwrap().to_string()
+    };
+    let sent = json!({"phase": "InProgress", "conditions": [{"type": "SignalSent", "status": "True",
+        "reason": "SignalSent", "message": "", "lastTransitionTime": ago(60)}]});
+    let following = operation("Restart", sent);
+    let (context, handle) = setup.context();
+    let kubevirt = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": "web", "namespace": "vms"}, "status": {"printableStatus": "Running"}});
+    let instance = |created: &str| json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"name": "web", "namespace": "vms", "creationTimestamp": created}, "status": {}});
+    let exchanges = vec![
+        expect("GET", "/apis/kubevirt.io/v1/namespaces/vms/virtualmachines/web", 200, kubevirt.clone()),
+        expect("GET", "/apis/kubevirt.io/v1/namespaces/vms/virtualmachineinstances/web", 200,
+            instance(&ago(30))),
+        expect("PATCH", operations_path.clone(), 200, answer.clone()).checking(|_, body| {
+            assert_eq!(body["status"]["phase"], "Completed");
+        }),
+    ];
+    let reconciled = reconcile_operation(Arc::new(following.clone()), context);
+    let (outcome, ()) = tokio::join!(reconciled, serve(handle, exchanges));
+    let over = dvcr_controller::kube::runtime::controller::Action::await_change();
+    assert_eq!(format!("{:?}", outcome.unwrap()), format!("{over:?}"));
+
+    // The old instance (created before the request) is not the restart's.
+    let (context, handle) = setup.context();
+    let exchanges = vec![
+        expect("GET", "/apis/kubevirt.io/v1/namespaces/vms/virtualmachines/web", 200, kubevirt),
+        expect("GET", "/apis/kubevirt.io/v1/namespaces/vms/virtualmachineinstances/web", 200,
+            instance(&ago(3600))),
+    ];
+    let (outcome, ()) = tokio::join!(reconcile_operation(Arc::new(following), context), serve(handle, exchanges));
+    let again = dvcr_controller::kube::runtime::controller::Action::requeue(Duration::from_secs(3));
+    assert_eq!(format!("{:?}", outcome.unwrap()), format!("{again:?}"), "looked at again, nothing written");
 
     // KubeVirt refuses: the operation fails with its message, and is over.
     let start = operation("Start", json!({}));

@@ -41,6 +41,20 @@ fn kubevirt_resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
+/// KubeVirt's object `name` of kind `resource`, as JSON; `None` when absent.
+pub async fn read_kubevirt(
+    context: &Context,
+    resource: ApiResource,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Value>, Error> {
+    Api::<DynamicObject>::namespaced_with(context.client.clone(), namespace, &resource)
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("reading KubeVirt's {} {namespace}/{name}", resource.kind)))
+        .map(|object| object.and_then(|object| serde_json::to_value(object).ok()))
+}
+
 /// Reconciles a VirtualMachine.
 pub async fn reconcile_virtual_machine(machine: Arc<VirtualMachine>, context: Arc<Context>) -> Result<Requeue, Error> {
     let namespace = machine.namespace().ok_or(Error::Incomplete("namespace"))?;
@@ -115,18 +129,9 @@ async fn observe(context: &Context, view: &MachineView<'_>) -> Result<MachineObs
         };
         devices.push(state);
     }
-    let read = |resource: ApiResource| {
-        let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
-        async move {
-            api.get_opt(view.name)
-                .await
-                .map_err(Error::kube(format!("reading KubeVirt's {} {namespace}/{}", resource.kind, view.name)))
-                .map(|object| object.and_then(|object| serde_json::to_value(object).ok()))
-        }
-    };
-    let kubevirt_machine: Option<Value> = read(kubevirt_machines()).await?;
+    let kubevirt_machine = read_kubevirt(context, kubevirt_machines(), namespace, view.name).await?;
     let instance = match &kubevirt_machine {
-        Some(_) => read(kubevirt_instances()).await?,
+        Some(_) => read_kubevirt(context, kubevirt_instances(), namespace, view.name).await?,
         None => None,
     };
     let address = observe_address(context, view).await?;

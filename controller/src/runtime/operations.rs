@@ -1,5 +1,5 @@
 //! The VirtualMachineOperation controller: send the operation to KubeVirt
-//! once, record KubeVirt's answer.
+//! once, record KubeVirt's answer, then follow the machine to the end state.
 
 use std::sync::Arc;
 
@@ -8,8 +8,16 @@ use kube::{Api, ResourceExt};
 
 use super::{execute, Context, Error};
 use crate::api::{VirtualMachine, VirtualMachineOperation};
-use crate::reconcile::operation::{answered, next_step, OperationStep, OperationView};
-use crate::reconcile::Plan;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::Value;
+
+use super::machines;
+use crate::api::machine::OperationPhase;
+use crate::kubevirt::mirror_status;
+use crate::reconcile::operation::{
+    answered, followed, next_step, MachineProgress, MigrationProgress, OperationStep, OperationView,
+};
+use crate::reconcile::{Plan, PROGRESS_INTERVAL};
 
 /// Reconciles a VirtualMachineOperation.
 pub async fn reconcile_operation(
@@ -27,6 +35,17 @@ pub async fn reconcile_operation(
     if next_step(&view, true) == OperationStep::Finished || operation.metadata.deletion_timestamp.is_some() {
         return Ok(Requeue::await_change());
     }
+    let api: Api<VirtualMachineOperation> = Api::namespaced(context.client.clone(), &namespace);
+    if next_step(&view, true) == OperationStep::Follow {
+        let progress = observe_machine(&context, &namespace, &operation.spec.virtual_machine_name).await?;
+        let (new_status, again) = followed(&view, &progress, k8s_openapi::jiff::Timestamp::now());
+        let plan = Plan {
+            status: new_status,
+            actions: Vec::new(),
+            requeue_after: again,
+        };
+        return execute::carry_out(&context, &api, operation.as_ref(), &status, plan).await;
+    }
     let machine = &operation.spec.virtual_machine_name;
     let exists = Api::<VirtualMachine>::namespaced(context.client.clone(), &namespace)
         .get_opt(machine)
@@ -35,7 +54,7 @@ pub async fn reconcile_operation(
         .is_some();
     let now = k8s_openapi::jiff::Timestamp::now();
     let new_status = match next_step(&view, exists) {
-        OperationStep::Finished => return Ok(Requeue::await_change()),
+        OperationStep::Finished | OperationStep::Follow => return Ok(Requeue::await_change()),
         OperationStep::Fail(message) => answered(&view, Err(message), now),
         OperationStep::Send(request) => match execute::put_subresource(&context, &request).await {
             Ok(()) => answered(&view, Ok(()), now),
@@ -47,11 +66,34 @@ pub async fn reconcile_operation(
             Err(error) => return Err(Error::kube(format!("PUT {}", request.path))(error)),
         },
     };
+    // An accepted operation is looked at again until it shows.
+    let requeue_after = (new_status.phase == Some(OperationPhase::InProgress)).then_some(PROGRESS_INTERVAL);
     let plan = Plan {
         status: new_status,
         actions: Vec::new(),
-        requeue_after: None,
+        requeue_after,
     };
-    let api: Api<VirtualMachineOperation> = Api::namespaced(context.client.clone(), &namespace);
     execute::carry_out(&context, &api, operation.as_ref(), &status, plan).await
+}
+
+/// What KubeVirt shows of machine `name`: its phase, its instance's
+/// creation and latest migration.
+async fn observe_machine(context: &Context, namespace: &str, name: &str) -> Result<MachineProgress, Error> {
+    let Some(machine) = machines::read_kubevirt(context, machines::kubevirt_machines(), namespace, name).await? else {
+        return Ok(MachineProgress::default());
+    };
+    let instance = machines::read_kubevirt(context, machines::kubevirt_instances(), namespace, name).await?;
+    let mirrored = mirror_status(Some(&machine), instance.as_ref());
+    let time = |value: &Value| value.as_str().and_then(|text| text.parse::<Timestamp>().ok());
+    let instance = instance.unwrap_or_default();
+    let migration = &instance["status"]["migrationState"];
+    Ok(MachineProgress {
+        phase: Some(mirrored.phase),
+        instance_created: time(&instance["metadata"]["creationTimestamp"]),
+        migration: migration.is_object().then(|| MigrationProgress {
+            started: time(&migration["startTimestamp"]),
+            completed: migration["completed"].as_bool().unwrap_or(false),
+            failed: migration["failed"].as_bool().unwrap_or(false),
+        }),
+    })
 }
