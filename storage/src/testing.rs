@@ -82,6 +82,20 @@ impl Garage {
     /// Starts Garage, gives it a layout and a key. Panics (this is for
     /// tests) with Garage's own words when any step fails.
     pub fn start() -> Garage {
+        let mut refused = String::new();
+        for _ in 0..5 {
+            match Self::try_start() {
+                Ok(garage) => return garage,
+                // A port `free_port` found was taken by a test running beside
+                // this one before Garage bound it: start again on others.
+                Err(reason) if reason.contains("Address already in use") => refused = reason,
+                Err(reason) => panic!("{reason}"),
+            }
+        }
+        panic!("garage found its ports taken 5 times: {refused}");
+    }
+
+    fn try_start() -> Result<Garage, String> {
         let binary = garage_binary().unwrap_or_else(|reason| panic!("{reason}"));
         let folder = tempfile::tempdir().unwrap_or_else(|error| panic!("no temporary folder: {error}"));
         let (rpc, s3, admin) = (free_port(), free_port(), free_port());
@@ -139,13 +153,21 @@ api_bind_addr = "127.0.0.1:{admin}"
             secret_access_key: random_hex(32),
             _folder: folder,
         };
-        let node = garage.wait_for_node();
+        let node = garage.wait_for_node()?;
         garage.run(&["layout", "assign", "-z", "dc1", "-c", "10G", &node]);
         garage.run(&["layout", "apply", "--version", "1"]);
         let (id, secret) = (garage.access_key_id.clone(), garage.secret_access_key.clone());
         garage.run(&["key", "import", "--yes", "-n", "dvcr-tests", &id, &secret]);
-        garage.wait_for_s3();
-        garage
+        garage.wait_for_s3()?;
+        Ok(garage)
+    }
+
+    /// Garage's exit at start, with its log.
+    fn exited(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(format!("garage exited at start ({status}): {}", self.log())),
+            _ => Ok(()),
+        }
     }
 
     /// Runs a `garage` admin command; panics with its output when it fails.
@@ -181,12 +203,10 @@ api_bind_addr = "127.0.0.1:{admin}"
         self.config.parent().unwrap_or(Path::new("/")).join("garage.log")
     }
 
-    fn wait_for_node(&mut self) -> String {
+    fn wait_for_node(&mut self) -> Result<String, String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("garage exited at start ({status}): {}", self.log());
-            }
+            self.exited()?;
             let admin = |arguments: &[&str]| self.admin(arguments).output().ok().filter(|output| output.status.success());
             // `node id` can answer from the key on disk before the RPC
             // server listens; `status` needs the server (a CI run's `layout
@@ -195,12 +215,12 @@ api_bind_addr = "127.0.0.1:{admin}"
                 let text = String::from_utf8_lossy(&output.stdout);
                 if let Some(id) = text.trim().split('@').next().filter(|id| !id.is_empty()) {
                     if admin(&["status"]).is_some() {
-                        return id.to_string();
+                        return Ok(id.to_string());
                     }
                 }
             }
             if Instant::now() > deadline {
-                panic!("garage did not answer within 30 s: {}", self.log());
+                return Err(format!("garage did not answer within 30 s: {}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -208,7 +228,7 @@ api_bind_addr = "127.0.0.1:{admin}"
 
     /// Waits until the S3 endpoint answers HTTP, not merely until its port
     /// is open.
-    fn wait_for_s3(&self) {
+    fn wait_for_s3(&mut self) -> Result<(), String> {
         let address = self.endpoint.trim_start_matches("http://").to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
         let answers = || -> std::io::Result<bool> {
@@ -221,14 +241,19 @@ api_bind_addr = "127.0.0.1:{admin}"
             Ok(&start == b"HTTP/")
         };
         while !answers().unwrap_or(false) {
+            self.exited()?;
             if Instant::now() > deadline {
-                panic!(
+                return Err(format!(
                     "garage's S3 endpoint {address} did not open within 30 s: {}",
                     self.log()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Another server may hold the S3 port and have answered: Garage,
+        // failing to bind it, has exited by now.
+        std::thread::sleep(Duration::from_millis(200));
+        self.exited()
     }
 
     /// Creates a bucket owned by the test key.
