@@ -3,16 +3,14 @@
 
 use std::sync::Arc;
 
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Api, ResourceExt};
-
-use super::{execute, Context, Error};
-use crate::api::{VirtualMachine, VirtualMachineOperation};
-use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
-use super::machines;
+use super::{execute, machines, Context, Error};
 use crate::api::machine::OperationPhase;
+use crate::api::{VirtualMachine, VirtualMachineOperation};
 use crate::kubevirt::mirror_status;
 use crate::reconcile::operation::{
     answered, followed, next_step, MachineProgress, MigrationProgress, OperationStep, OperationView,
@@ -32,13 +30,14 @@ pub async fn reconcile_operation(
         spec: &operation.spec,
         status: &status,
     };
-    if next_step(&view, true) == OperationStep::Finished || operation.metadata.deletion_timestamp.is_some() {
+    let step = next_step(&view, true);
+    if step == OperationStep::Finished || operation.metadata.deletion_timestamp.is_some() {
         return Ok(Requeue::await_change());
     }
     let api: Api<VirtualMachineOperation> = Api::namespaced(context.client.clone(), &namespace);
-    if next_step(&view, true) == OperationStep::Follow {
+    if step == OperationStep::Follow {
         let progress = observe_machine(&context, &namespace, &operation.spec.virtual_machine_name).await?;
-        let (new_status, again) = followed(&view, &progress, k8s_openapi::jiff::Timestamp::now());
+        let (new_status, again) = followed(&view, &progress, Timestamp::now());
         let plan = Plan {
             status: new_status,
             actions: Vec::new(),
@@ -52,7 +51,7 @@ pub async fn reconcile_operation(
         .await
         .map_err(Error::kube(format!("reading VirtualMachine {namespace}/{machine}")))?
         .is_some();
-    let now = k8s_openapi::jiff::Timestamp::now();
+    let now = Timestamp::now();
     let new_status = match next_step(&view, exists) {
         OperationStep::Finished | OperationStep::Follow => return Ok(Requeue::await_change()),
         OperationStep::Fail(message) => answered(&view, Err(message), now),
