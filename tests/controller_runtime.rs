@@ -244,6 +244,47 @@ fn importer_pod_path() -> String {
     format!("/api/v1/namespaces/vms/pods/dvcr-importer-{UID}")
 }
 
+/// The importer Pod of `UID`, exited 0 with `report` as its termination message.
+fn finished_importer(report: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("dvcr-importer-{UID}"),
+        "namespace": "vms"}, "status": {"phase": "Succeeded", "containerStatuses": [{"name": "importer",
+        "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 0, "message": report}}}]}})
+}
+
+/// The deletions of `UID`'s workers (`DeleteWorker`), in order; those in
+/// `found` exist ("importer", "uploader", "provisioner", "secret").
+fn worker_deletions(found: &[&str]) -> Vec<Exchange> {
+    let pod = |name: &str| {
+        let path = format!("/api/v1/namespaces/vms/pods/dvcr-{name}-{UID}");
+        match found.contains(&name) {
+            true => expect("DELETE", path, 200, json!({})),
+            false => expect("DELETE", path, 404, not_found("pods")),
+        }
+    };
+    vec![
+        pod("importer"),
+        pod("uploader"),
+        pod("provisioner"),
+        expect("DELETE", format!("/api/v1/namespaces/vms/services/dvcr-uploader-{UID}"), 404, not_found("services")),
+        expect(
+            "DELETE",
+            format!("/apis/networking.k8s.io/v1/namespaces/vms/ingresses/dvcr-uploader-{UID}"),
+            404,
+            not_found("ingresses"),
+        ),
+        match found.contains(&"secret") {
+            true => expect("DELETE", format!("/api/v1/namespaces/vms/secrets/dvcr-worker-{UID}"), 200, json!({})),
+            false => expect(
+                "DELETE",
+                format!("/api/v1/namespaces/vms/secrets/dvcr-worker-{UID}"),
+                404,
+                not_found("secrets"),
+            ),
+        },
+    ]
+}
+
 async fn reconcile_with(
     context: Arc<Context>,
     handle: Handle,
@@ -306,24 +347,11 @@ async fn a_finished_importer_is_removed_and_its_report_becomes_the_status() {
         "downloadSpeed": {"avg": "1.0Mi/s", "avgBytes": "1048576", "current": "3.0Mi/s", "currentBytes": "3145728"}}));
     let report = r#"{"source-image-size":1048576,"source-image-virtual-size":2097152,"source-image-format":"qcow2",
         "duration":1,"average-speed":1048576}"#;
-    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("dvcr-importer-{UID}"),
-        "namespace": "vms"}, "status": {"phase": "Succeeded", "containerStatuses": [{"name": "importer",
-        "image": "i", "imageID": "", "ready": false, "restartCount": 0,
-        "state": {"terminated": {"exitCode": 0, "message": report}}}]}});
+    let pod = finished_importer(report);
     let registry = setup.server.address.clone();
-    let exchanges = vec![
-        expect("GET", importer_pod_path(), 200, pod),
-        expect("DELETE", importer_pod_path(), 200, json!({})),
-        expect("DELETE", format!("/api/v1/namespaces/vms/pods/dvcr-uploader-{UID}"), 404, not_found("pods")),
-        expect("DELETE", format!("/api/v1/namespaces/vms/pods/dvcr-provisioner-{UID}"), 404, not_found("pods")),
-        expect("DELETE", format!("/api/v1/namespaces/vms/services/dvcr-uploader-{UID}"), 404, not_found("services")),
-        expect(
-            "DELETE",
-            format!("/apis/networking.k8s.io/v1/namespaces/vms/ingresses/dvcr-uploader-{UID}"),
-            404,
-            not_found("ingresses"),
-        ),
-        expect("DELETE", format!("/api/v1/namespaces/vms/secrets/dvcr-worker-{UID}"), 200, json!({})),
+    let mut exchanges = vec![expect("GET", importer_pod_path(), 200, pod)];
+    exchanges.extend(worker_deletions(&["importer", "secret"]));
+    exchanges.extend([
         expect("PATCH", image_path("/status"), 200, serde_json::to_value(&image).unwrap()).checking(move |_, body| {
             let status = &body["status"];
             assert_eq!(status["phase"], "Ready");
@@ -333,7 +361,7 @@ async fn a_finished_importer_is_removed_and_its_report_becomes_the_status() {
             assert_eq!(status["target"]["registryURL"], format!("{registry}/vi/vms/ubuntu:{UID}"));
             assert_eq!(status["downloadSpeed"], json!({"current": null, "currentBytes": null}), "only changes");
         }),
-    ];
+    ]);
     let outcome = reconcile_with(context, handle, image, exchanges).await;
     assert!(outcome.contains("requeue_after: Some(300s)"), "{outcome}");
 }
@@ -378,22 +406,12 @@ async fn deletion_removes_the_workers_and_the_registry_image_then_the_finalizer(
     image.metadata.deletion_timestamp = Some(dvcr_controller::k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         dvcr_controller::k8s_openapi::jiff::Timestamp::now(),
     ));
-    let exchanges = vec![
-        expect("DELETE", importer_pod_path(), 404, not_found("pods")),
-        expect("DELETE", format!("/api/v1/namespaces/vms/pods/dvcr-uploader-{UID}"), 404, not_found("pods")),
-        expect("DELETE", format!("/api/v1/namespaces/vms/pods/dvcr-provisioner-{UID}"), 404, not_found("pods")),
-        expect("DELETE", format!("/api/v1/namespaces/vms/services/dvcr-uploader-{UID}"), 404, not_found("services")),
-        expect(
-            "DELETE",
-            format!("/apis/networking.k8s.io/v1/namespaces/vms/ingresses/dvcr-uploader-{UID}"),
-            404,
-            not_found("ingresses"),
-        ),
-        expect("DELETE", format!("/api/v1/namespaces/vms/secrets/dvcr-worker-{UID}"), 404, not_found("secrets")),
+    let mut exchanges = worker_deletions(&[]);
+    exchanges.push(
         expect("PATCH", image_path(""), 200, serde_json::to_value(&image).unwrap()).checking(|_, body| {
             assert_eq!(body["metadata"]["finalizers"], json!(["example.com/other"]), "only ours goes");
         }),
-    ];
+    );
     let outcome = reconcile_with(context, handle, image, exchanges).await;
     assert!(outcome.contains("await_change") || outcome.contains("requeue_after: None"), "{outcome}");
     assert!(!setup.stored("vi/vms/ubuntu", UID), "the registry image is deleted");
@@ -654,6 +672,77 @@ async fn a_pending_pvc_of_a_wait_for_first_consumer_class_is_reported_so() {
     ];
     let (outcome, ()) = tokio::join!(reconcile_virtual_disk(Arc::new(disk), context), serve(handle, exchanges));
     assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_disk_from_a_url_gets_its_pvc_from_the_import_report_and_its_copy_is_deleted_when_ready() {
+    use dvcr_controller::api::VirtualDisk;
+    use dvcr_controller::runtime::disks::reconcile_virtual_disk;
+    let setup = Setup::new();
+    let disk_at = |status: Value| -> VirtualDisk {
+        serde_json::from_value(json!({
+            "apiVersion": "virtualization.deckhouse.io/v1alpha2", "kind": "VirtualDisk",
+            "metadata": {"name": "root", "namespace": "vms", "uid": UID, "generation": 1, "resourceVersion": "5",
+                "finalizers": [FINALIZER]},
+            "spec": {"dataSource": {"type": "HTTP", "http": {"url": "https://images.example/noble.qcow2"}}},
+            "status": status}))
+        .unwrap()
+    };
+    let claim_path = format!("/api/v1/namespaces/vms/persistentvolumeclaims/vd-root-{UID}");
+    let status_path = format!("{GROUP_PATH}/namespaces/vms/virtualdisks/root/status");
+
+    // The importer finished: a PVC of the reported virtual size, the importer removed.
+    let disk = disk_at(json!({"phase": "Provisioning", "progress": "49.0%", "observedGeneration": 1}));
+    let answer = serde_json::to_value(&disk).unwrap();
+    let report = r#"{"source-image-size":1048576,"source-image-virtual-size":2147483648,"source-image-format":"qcow2",
+        "duration":1,"average-speed":1048576}"#;
+    let importer = finished_importer(report);
+    let mut exchanges = vec![
+        expect("GET", format!("/api/v1/namespaces/vms/pods/dvcr-provisioner-{UID}"), 404, not_found("pods")),
+        expect("GET", claim_path.clone(), 404, not_found("pvc")),
+        expect("GET", importer_pod_path(), 200, importer),
+        expect("POST", "/api/v1/namespaces/vms/persistentvolumeclaims", 201, json!({})).checking(|_, body| {
+            let bytes = body["spec"]["resources"]["requests"]["storage"].as_str().unwrap_or_default();
+            assert_eq!(bytes.parse::<u64>().ok(), Some(VolumeMode::Filesystem.claim_bytes(2 << 30)));
+        }),
+    ];
+    exchanges.extend(worker_deletions(&["importer", "secret"]));
+    exchanges.push(expect("PATCH", status_path.clone(), 200, answer).checking(|_, body| {
+        assert_eq!(body["status"].get("phase"), None, "still Provisioning: {body}");
+        assert_eq!(body["status"]["progress"], "50.0%");
+        let conditions = body["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        let read = |condition: &&Value| condition["type"] == "DatasourceReady" && condition["status"] == "True";
+        assert!(conditions.iter().any(|condition| read(&condition)));
+    }));
+    let (context, handle) = setup.context();
+    let (outcome, ()) = tokio::join!(reconcile_virtual_disk(Arc::new(disk), context), serve(handle, exchanges));
+    assert!(outcome.is_ok(), "{outcome:?}");
+
+    // The provisioner finished: the copy is deleted from the real registry, then the workers.
+    setup.store("vd/vms/root", UID);
+    assert!(setup.stored("vd/vms/root", UID));
+    let disk = disk_at(json!({"phase": "Provisioning", "progress": "50.0%", "observedGeneration": 1}));
+    let answer = serde_json::to_value(&disk).unwrap();
+    let provisioner = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("dvcr-provisioner-{UID}"),
+        "namespace": "vms"}, "status": {"phase": "Succeeded"}});
+    let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": format!("vd-root-{UID}"), "namespace": "vms"},
+        "spec": {"resources": {"requests": {"storage": "2Gi"}}},
+        "status": {"phase": "Bound", "capacity": {"storage": "2Gi"}}});
+    let mut exchanges = vec![
+        expect("GET", format!("/api/v1/namespaces/vms/pods/dvcr-provisioner-{UID}"), 200, provisioner),
+        expect("GET", claim_path, 200, claim),
+        expect("GET", importer_pod_path(), 404, not_found("pods")),
+    ];
+    exchanges.extend(worker_deletions(&["provisioner", "secret"]));
+    exchanges.push(expect("PATCH", status_path, 200, answer).checking(|_, body| {
+        assert_eq!(body["status"]["phase"], "Ready");
+        assert_eq!(body["status"]["progress"], "100%");
+    }));
+    let (context, handle) = setup.context();
+    let (outcome, ()) = tokio::join!(reconcile_virtual_disk(Arc::new(disk), context), serve(handle, exchanges));
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(!setup.stored("vd/vms/root", UID), "the intermediate copy is deleted");
 }
 
 fn machine_fixtures() -> (Value, Value) {

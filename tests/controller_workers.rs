@@ -17,7 +17,9 @@ use common::token_registry::TokenRegistry;
 use common::{free_port, require_tool, run, wait_for_listener, DVCR};
 use dvcr_controller::api::common::{Checksum, DataSource, DataSourceType, HttpSource};
 use dvcr_controller::api::image::{ImagePhase, ImageStatus, ImageStorage};
+use dvcr_controller::api::disk::{VirtualDiskSpec, VirtualDiskStatus};
 use dvcr_controller::conditions::{find, types};
+use dvcr_controller::reconcile::disk::DiskView;
 use dvcr_controller::reconcile::image::{reconcile, ImageKind, ImageObserved, ImageView};
 use dvcr_controller::reconcile::{Action, Plan, WorkerState};
 use dvcr_controller::workload::{
@@ -96,6 +98,22 @@ impl Cluster {
             .collect();
         (args, report)
     }
+
+    /// Runs a planned provisioner with its PVC's file system mapped onto a
+    /// folder; returns the disk it wrote.
+    fn run_provisioner(&self, pod: &WorkerPod, name: &str) -> std::path::PathBuf {
+        let (mut args, _) = self.local_args(pod, name, &[]);
+        let disk = self.root.join(name).join("disk/disk.img");
+        std::fs::create_dir_all(self.root.join(name).join("disk")).unwrap();
+        for arg in args.iter_mut() {
+            if arg == "/disk/disk.img" {
+                *arg = disk.display().to_string();
+            }
+        }
+        let output = Command::new(DVCR).args(&args).output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        disk
+    }
 }
 
 fn http_source(url: String, sha256: Option<String>) -> DataSource {
@@ -111,6 +129,20 @@ fn http_source(url: String, sha256: Option<String>) -> DataSource {
         }),
         container_image: None,
         object_ref: None,
+    }
+}
+
+/// The VirtualDisk `vms/root` of `UID`.
+fn disk_view<'a>(spec: &'a VirtualDiskSpec, status: &'a VirtualDiskStatus) -> DiskView<'a> {
+    DiskView {
+        namespace: "vms",
+        name: "root",
+        uid: UID,
+        generation: Some(1),
+        deleting: false,
+        has_finalizer: true,
+        spec,
+        status,
     }
 }
 
@@ -332,8 +364,8 @@ fn the_planned_uploader_takes_curl_at_the_external_path_and_reports_ready() {
 #[test]
 fn the_planned_provisioner_writes_the_stored_qcow2_as_the_raw_disk_qemu_img_makes() {
     use dvcr_controller::api::common::{ImageSize, ObjectRefKind, ObjectRefSource};
-    use dvcr_controller::api::disk::{DiskPersistentVolumeClaim, DiskPhase, VirtualDiskSpec, VirtualDiskStatus};
-    use dvcr_controller::reconcile::disk::{self, ClaimState, DiskObserved, DiskView};
+    use dvcr_controller::api::disk::{DiskPersistentVolumeClaim, DiskPhase};
+    use dvcr_controller::reconcile::disk::{self, ClaimState, DiskObserved};
     use dvcr_controller::reconcile::image::SourceImage;
 
     let cluster = Cluster::start();
@@ -365,16 +397,7 @@ fn the_planned_provisioner_writes_the_stored_qcow2_as_the_raw_disk_qemu_img_make
         }),
     };
     let status = VirtualDiskStatus::default();
-    let view = DiskView {
-        namespace: "vms",
-        name: "root",
-        uid: UID,
-        generation: Some(1),
-        deleting: false,
-        has_finalizer: true,
-        spec: &disk_spec,
-        status: &status,
-    };
+    let view = disk_view(&disk_spec, &status);
     let source = SourceImage::Ready {
         registry_url: image.clone(),
         uid: "noble".into(),
@@ -386,27 +409,18 @@ fn the_planned_provisioner_writes_the_stored_qcow2_as_the_raw_disk_qemu_img_make
         cdrom: Some(false),
     };
     let look = |provisioner: WorkerState, claim: Option<ClaimState>| DiskObserved {
+        importer: WorkerState::Absent,
         provisioner,
         claim,
         source: Some(source.clone()),
         wait_for_first_consumer: false,
         now: Timestamp::now(),
+        fresh_upload_token: "U".repeat(32),
     };
     let plan = disk::reconcile(&view, &look(WorkerState::Absent, None), &config);
     let (secret, pod) = planned_of(&plan.actions);
     cluster.mount_secret(secret, &cluster.root.join("provisioner/secret"));
-    let (mut args, _) = cluster.local_args(pod, "provisioner", &[]);
-    // The PVC's file system, here a folder.
-    let volume = cluster.root.join("provisioner/disk");
-    std::fs::create_dir_all(&volume).unwrap();
-    for arg in args.iter_mut() {
-        if arg == "/disk/disk.img" {
-            *arg = volume.join("disk.img").display().to_string();
-        }
-    }
-    let output = Command::new(DVCR).args(&args).output().unwrap();
-    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    let written = std::fs::read(volume.join("disk.img")).unwrap();
+    let written = std::fs::read(cluster.run_provisioner(pod, "provisioner")).unwrap();
     let expected = cluster.root.join("expected.raw");
     run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "raw"]).arg(&qcow2).arg(&expected));
     assert!(written == std::fs::read(&expected).unwrap(), "the disk differs from qemu-img's raw");
@@ -426,4 +440,118 @@ fn the_planned_provisioner_writes_the_stored_qcow2_as_the_raw_disk_qemu_img_make
         &config,
     );
     assert_eq!(done.status.phase, Some(DiskPhase::Ready), "{:?}", done.status.conditions);
+}
+
+#[test]
+fn a_disk_from_a_url_is_imported_into_its_copy_then_provisioned_as_the_raw_disk_qemu_img_makes() {
+    use dvcr_controller::api::disk::{DiskPersistentVolumeClaim, DiskPhase};
+    use dvcr_controller::reconcile::disk::{self, ClaimState, DiskObserved};
+
+    let cluster = Cluster::start();
+    let config = cluster.config();
+    // A qcow2 with data and holes, served over HTTP.
+    let files = cluster.root.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let raw = cluster.root.join("source.raw");
+    let file = std::fs::File::create(&raw).unwrap();
+    file.set_len(40 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(2 << 20, 81), 3 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(1 << 20, 82), 37 << 20).unwrap();
+    let qcow2 = files.join("focal.qcow2");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "qcow2"]).arg(&raw).arg(&qcow2));
+    let web = FileServer::start(&files);
+
+    let disk_spec = VirtualDiskSpec {
+        persistent_volume_claim: DiskPersistentVolumeClaim::default(),
+        data_source: Some(http_source(web.url("plain", "focal.qcow2"), None)),
+    };
+    let view = |status| disk_view(&disk_spec, status);
+    let look = |importer: WorkerState, claim: Option<ClaimState>, provisioner: WorkerState| DiskObserved {
+        importer,
+        provisioner,
+        claim,
+        source: None,
+        wait_for_first_consumer: false,
+        now: Timestamp::now(),
+        fresh_upload_token: "U".repeat(32),
+    };
+
+    // The importer stores the URL's image as the disk's copy.
+    let status = VirtualDiskStatus::default();
+    let plan = disk::reconcile(&view(&status), &look(WorkerState::Absent, None, WorkerState::Absent), &config);
+    let (secret, pod) = planned_of(&plan.actions);
+    assert_eq!(pod.component, "importer");
+    cluster.mount_secret(secret, &cluster.root.join("disk-importer/secret"));
+    let (args, report) = cluster.local_args(pod, "disk-importer", &[("0.0.0.0:8090", free_port())]);
+    let output = Command::new(DVCR).args(&args).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    let copy = format!("vd/vms/root:{UID}");
+    let stored = layer_of(&cluster, &copy);
+    let source = std::fs::read(&qcow2).unwrap();
+    assert!(stored[1024..1024 + source.len()] == source[..], "the copy differs from the source");
+
+    // Its report sizes the PVC: the image's virtual size with the file system's overhead.
+    let plan = disk::reconcile(
+        &view(&plan.status),
+        &look(finished(&output, &report), None, WorkerState::Absent),
+        &config,
+    );
+    let requested = plan.actions.iter().find_map(|action| match action {
+        Action::CreateClaim(claim) => {
+            let requests = claim.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?;
+            requests.get("storage").cloned()
+        }
+        _ => None,
+    });
+    assert_eq!(
+        requested.map(|quantity| quantity.0),
+        Some(VolumeMode::Filesystem.claim_bytes(40 << 20).to_string()),
+        "{:?}",
+        plan.actions
+    );
+    let claim = ClaimState {
+        phase: Some("Bound".into()),
+        requested_bytes: Some(VolumeMode::Filesystem.claim_bytes(40 << 20)),
+        capacity_bytes: Some(VolumeMode::Filesystem.claim_bytes(40 << 20)),
+        storage_class: None,
+    };
+
+    // The provisioner, with a pull-only token, writes the copy into the PVC.
+    let plan = disk::reconcile(
+        &view(&plan.status),
+        &look(WorkerState::Absent, Some(claim.clone()), WorkerState::Absent),
+        &config,
+    );
+    let (secret, pod) = planned_of(&plan.actions);
+    assert_eq!(pod.component, "provisioner");
+    assert_eq!(secret.access[0].actions, vec!["pull"]);
+    cluster.mount_secret(secret, &cluster.root.join("disk-provisioner/secret"));
+    let written = std::fs::read(cluster.run_provisioner(pod, "disk-provisioner")).unwrap();
+    let expected = cluster.root.join("expected.raw");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "raw"]).arg(&qcow2).arg(&expected));
+    assert!(written == std::fs::read(&expected).unwrap(), "the disk differs from qemu-img's raw");
+
+    // Ready; the copy is deleted, which the registry does with the controller's token.
+    let done = disk::reconcile(
+        &view(&plan.status),
+        &look(WorkerState::Absent, Some(claim), WorkerState::Succeeded { report: String::new() }),
+        &config,
+    );
+    assert_eq!(done.status.phase, Some(DiskPhase::Ready), "{:?}", done.status.conditions);
+    let Some(Action::DeleteImage { repository, tag }) = done.actions.first() else {
+        panic!("the copy is not deleted first: {:?}", done.actions);
+    };
+    let token = cluster.token(&[&format!("repository:{repository}:*")]);
+    let status = |method: &str| {
+        let output = Command::new(require_tool("curl"))
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args(["-H", "Accept: application/vnd.docker.distribution.manifest.v2+json"])
+            .arg(cluster.server.url(&format!("/v2/{repository}/manifests/{tag}")))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    assert_eq!(status("DELETE"), "202");
+    assert_eq!(status("GET"), "404", "the copy is gone");
 }

@@ -2,20 +2,24 @@
 //! provisioner Pod (`dvcr convert docker://IMAGE TARGET -O raw`, reading
 //! the image in place from the registry); growing `size` resizes the PVC.
 //!
-//! Disks from `HTTP`, `ContainerImage` and `Upload` (an intermediate copy
-//! in `vd/<ns>/<name>`) are not served yet: they are refused with a message
-//! saying to make a VirtualImage first.
+//! A disk from `HTTP`, `ContainerImage` or `Upload` is made in two steps
+//! (reference, section 1): the importer or uploader stores the source as
+//! the disk's intermediate copy `vd/<ns>/<name>:<uid>`, then the PVC is
+//! created (of the copy's virtual size unless a size is given) and the
+//! provisioner writes the copy into it. The copy is deleted once the disk
+//! is Ready.
 
 use dvcr_importer::reference::ImageReference;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::jiff::Timestamp;
 
 use super::image::SourceImage;
-use super::{Action, Plan, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
-use crate::api::common::ObjectRefKind;
+use super::import_worker::{self, ImportJob, StoredImage};
+use super::{Action, Plan, Refusal, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
+use crate::api::common::{DataSourceType, ObjectRefKind};
 use crate::api::disk::{DiskPhase, DiskTarget, VirtualDiskSpec, VirtualDiskStatus};
-use crate::conditions::{self, types, Desired};
-use crate::import::human_bytes;
+use crate::conditions::{self, types, Desired, Setter};
+use crate::import::{human_bytes, repository, ImageOwner};
 use crate::workload::{
     disk_claim, disk_claim_name, provisioner_name, worker_secret_name, DiskVolume, Owner, RepositoryAccess,
     SecretKey, WorkerConfig, WorkerPod, WorkerSecret,
@@ -58,6 +62,9 @@ pub struct ClaimState {
 /// What the I/O layer observed for one reconcile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskObserved {
+    /// The importer or uploader Pod of a disk from `HTTP`,
+    /// `ContainerImage` or `Upload` (with its progress while it runs).
+    pub importer: WorkerState,
     /// The provisioner Pod.
     pub provisioner: WorkerState,
     /// The PVC.
@@ -68,6 +75,16 @@ pub struct DiskObserved {
     pub wait_for_first_consumer: bool,
     /// The time now.
     pub now: Timestamp,
+    /// A fresh random token of 32 alphanumerics, used for the external
+    /// upload URL when the disk has none yet.
+    pub fresh_upload_token: String,
+}
+
+impl DiskObserved {
+    /// Some worker Pod of the disk exists.
+    fn has_workers(&self) -> bool {
+        self.importer != WorkerState::Absent || self.provisioner != WorkerState::Absent
+    }
 }
 
 impl DiskView<'_> {
@@ -87,6 +104,26 @@ impl DiskView<'_> {
             _ => Some(self.namespace),
         };
         Some((object.kind, namespace, &object.name))
+    }
+
+    /// The source is imported into an intermediate copy first (`HTTP`,
+    /// `ContainerImage`, `Upload`).
+    pub fn imports(&self) -> bool {
+        self.spec
+            .data_source
+            .as_ref()
+            .is_some_and(|source| source.source_type != DataSourceType::ObjectRef)
+    }
+
+    /// The repository of the disk's intermediate copy, `vd/<ns>/<name>`.
+    pub fn copy_repository(&self, registry_host: &str) -> String {
+        repository(
+            registry_host,
+            ImageOwner::VirtualDisk {
+                namespace: self.namespace,
+                name: self.name,
+            },
+        )
     }
 }
 
@@ -117,11 +154,6 @@ pub fn quantity_bytes(text: &str) -> Option<u64> {
     (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
-struct Refusal {
-    reason: &'static str,
-    message: String,
-}
-
 /// Decides the status and actions of a disk.
 pub fn reconcile(view: &DiskView<'_>, observed: &DiskObserved, config: &WorkerConfig) -> Plan<VirtualDiskStatus> {
     let mut status = view.status.clone();
@@ -131,9 +163,23 @@ pub fn reconcile(view: &DiskView<'_>, observed: &DiskObserved, config: &WorkerCo
         owner_uid: view.uid.to_string(),
     };
     if view.deleting {
-        status.phase = Some(DiskPhase::Terminating);
         // The PVC is owned by the disk: Kubernetes deletes it after the disk.
-        let actions = if view.has_finalizer { vec![cleanup, Action::RemoveFinalizer] } else { Vec::new() };
+        let mut actions = Vec::new();
+        if view.has_finalizer {
+            actions.push(cleanup);
+            let made = matches!(
+                status.phase,
+                Some(DiskPhase::Ready) | Some(DiskPhase::Resizing) | Some(DiskPhase::PvcLost)
+            );
+            if view.imports() && !made {
+                actions.push(Action::DeleteImage {
+                    repository: view.copy_repository(&config.registry_host),
+                    tag: view.uid.to_string(),
+                });
+            }
+            actions.push(Action::RemoveFinalizer);
+        }
+        status.phase = Some(DiskPhase::Terminating);
         return Plan {
             status,
             actions,
@@ -155,13 +201,13 @@ pub fn reconcile(view: &DiskView<'_>, observed: &DiskObserved, config: &WorkerCo
     }
     let outcome = match view.status.phase {
         Some(DiskPhase::Ready) | Some(DiskPhase::Resizing) | Some(DiskPhase::PvcLost) => {
-            if observed.provisioner != WorkerState::Absent {
+            if observed.has_workers() {
                 plan.actions.push(cleanup.clone());
             }
             keep_ready(view, observed, &mut plan)
         }
         Some(DiskPhase::Failed) => {
-            if observed.provisioner != WorkerState::Absent {
+            if observed.has_workers() {
                 plan.actions.push(cleanup.clone());
             }
             Ok(())
@@ -169,7 +215,7 @@ pub fn reconcile(view: &DiskView<'_>, observed: &DiskObserved, config: &WorkerCo
         _ => provision(view, observed, config, &claim_name, &mut plan),
     };
     if let Err(refusal) = outcome {
-        if observed.provisioner != WorkerState::Absent && !plan.actions.contains(&cleanup) {
+        if observed.has_workers() && !plan.actions.contains(&cleanup) {
             plan.actions.push(cleanup);
         }
         plan.status.phase = Some(DiskPhase::Failed);
@@ -315,16 +361,11 @@ fn provision(
             })?;
             (None, bytes)
         }
-        Some(source) if source.object_ref.is_none() => {
-            return Err(Refusal {
-                reason: "InvalidDataSource",
-                message: format!(
-                    "a VirtualDisk from dataSource.type {:?} is not supported yet: create a VirtualImage from it \
-                     and a VirtualDisk with an objectRef to that image",
-                    source.source_type
-                ),
-            })
-        }
+        // The copy is written once its PVC exists, so no size is needed here.
+        Some(_) if view.imports() => match import_copy(view, observed, config, requested, plan)? {
+            Some(copy) => (Some(copy), 0),
+            None => return Ok(()),
+        },
         Some(_) => {
             let Some((kind, namespace, name)) = view.source_object() else {
                 return Err(Refusal {
@@ -386,16 +427,13 @@ fn provision(
             }
         }
     };
-    if image.is_some() {
-        set(
-            &mut plan.status,
-            now,
-            generation,
-            types::DATASOURCE_READY,
-            true,
-            "Ready",
-            "the image is Ready".into(),
-        );
+    if let Some(image) = &image {
+        let message = if view.imports() {
+            format!("the source is stored in the registry as {image}")
+        } else {
+            "the image is Ready".to_string()
+        };
+        set(&mut plan.status, now, generation, types::DATASOURCE_READY, true, "Ready", message);
     }
 
     let Some(claim) = &observed.claim else {
@@ -475,6 +513,13 @@ fn provision(
             plan.requeue_after = Some(PROGRESS_INTERVAL);
         }
         WorkerState::Succeeded { .. } => {
+            if view.imports() {
+                // The intermediate copy has served its purpose.
+                plan.actions.push(Action::DeleteImage {
+                    repository: view.copy_repository(&config.registry_host),
+                    tag: view.uid.to_string(),
+                });
+            }
             plan.actions.push(Action::DeleteWorker {
                 namespace: view.namespace.to_string(),
                 owner_uid: view.uid.to_string(),
@@ -500,6 +545,116 @@ fn provision(
         }
     }
     Ok(())
+}
+
+/// The first step of a disk from `HTTP`, `ContainerImage` or `Upload`:
+/// the importer or uploader stores the source as the disk's intermediate
+/// copy. Once stored, the PVC is created and the worker removed; the
+/// provisioner starts on the next reconcile (it shares the worker's Secret
+/// name, which must be gone first). Returns the copy's reference once the
+/// PVC exists and the importer is gone, `None` while this step goes on.
+fn import_copy(
+    view: &DiskView<'_>,
+    observed: &DiskObserved,
+    config: &WorkerConfig,
+    requested: Option<u64>,
+    plan: &mut Plan<VirtualDiskStatus>,
+) -> Result<Option<String>, Refusal> {
+    let Some(data_source) = view.spec.data_source.as_ref() else {
+        return Ok(None);
+    };
+    let repository = view.copy_repository(&config.registry_host);
+    let target = format!("{}/{repository}:{}", config.registry_host, view.uid);
+    let setter = Setter {
+        generation: view.generation,
+        now: observed.now,
+    };
+    plan.requeue_after = Some(PROGRESS_INTERVAL);
+    if observed.claim.is_some() {
+        if observed.importer == WorkerState::Absent {
+            return Ok(Some(target));
+        }
+        // Stored, PVC made; the importer was not removed yet.
+        plan.actions.push(Action::DeleteWorker {
+            namespace: view.namespace.to_string(),
+            owner_uid: view.uid.to_string(),
+        });
+        plan.status.phase = Some(DiskPhase::Provisioning);
+        setter.set(
+            &mut plan.status.conditions,
+            types::READY,
+            false,
+            "Provisioning",
+            "the source is stored; removing the importer before the provisioner starts".into(),
+        );
+        return Ok(None);
+    }
+    let job = ImportJob {
+        owner: view.owner(),
+        data_source,
+        namespace: view.namespace,
+        pull_secret_namespace: Some(view.namespace),
+        repository: &repository,
+        target: &target,
+        shown_progress: view.status.progress.as_deref(),
+        progress_share: 0.5,
+        upload_urls: view.status.image_upload_urls.as_ref(),
+        upload_seen: view.status.phase == Some(DiskPhase::Provisioning),
+    };
+    let update = import_worker::drive(&job, &observed.importer, config, &observed.fresh_upload_token)?;
+    let (actions, stored) = update.show(&mut plan.status, &setter);
+    plan.actions.extend(actions);
+    let Some(StoredImage { size, format, .. }) = stored else {
+        return Ok(None);
+    };
+    let virtual_bytes = size
+        .unpacked_bytes
+        .as_deref()
+        .and_then(|bytes| bytes.parse::<u64>().ok())
+        .ok_or_else(|| Refusal {
+            reason: "ImporterFailed",
+            message: "the importer's report lacks the image's virtual size".into(),
+        })?;
+    if let Some(requested) = requested.filter(|requested| *requested < virtual_bytes) {
+        return Err(Refusal {
+            reason: "InvalidSize",
+            message: format!(
+                "persistentVolumeClaim.size {} is smaller than the {format} image's virtual size {}",
+                human_bytes(requested),
+                human_bytes(virtual_bytes)
+            ),
+        });
+    }
+    let storage_class = view.spec.persistent_volume_claim.storage_class_name.as_deref();
+    let disk_bytes = requested.unwrap_or(virtual_bytes);
+    plan.actions.push(Action::CreateClaim(Box::new(claim_for(
+        view,
+        disk_bytes,
+        storage_class,
+        config.disk_volume_mode,
+    ))));
+    plan.actions.push(Action::DeleteWorker {
+        namespace: view.namespace.to_string(),
+        owner_uid: view.uid.to_string(),
+    });
+    plan.status.phase = Some(DiskPhase::Provisioning);
+    plan.status.progress = Some("50.0%".into());
+    plan.status.download_speed = import_worker::settled_speed(plan.status.download_speed.take());
+    setter.set(
+        &mut plan.status.conditions,
+        types::DATASOURCE_READY,
+        true,
+        "Ready",
+        format!("the source is stored in the registry as {target}"),
+    );
+    setter.set(
+        &mut plan.status.conditions,
+        types::READY,
+        false,
+        "Provisioning",
+        format!("creating a PVC of {} for the {format} image", human_bytes(disk_bytes)),
+    );
+    Ok(None)
 }
 
 fn claim_for(

@@ -4,22 +4,15 @@
 //! periodic check that the image is still stored, and deletion of the
 //! registry image behind a finalizer.
 
-use base64::Engine;
 use k8s_openapi::jiff::Timestamp;
 
-use super::{Action, Plan, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
-use crate::api::common::{DataSource, DataSourceType, ImageSize, ObjectRefKind, UploadUrls};
+use super::import_worker::{self, ImportJob, StoredImage};
+use super::{Action, Plan, Refusal, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
+use crate::api::common::{DataSource, DataSourceType, ImageSize, ObjectRefKind};
 use crate::api::image::{ImagePhase, ImageStatus, ImageStorage, ImageTarget};
 use crate::conditions::{self, types, Desired, Setter};
-use crate::import::{
-    download_speed, import_args, parse_progress, parse_report, progress_text, repository, ImageOwner, ImportOutcome,
-    ImportSpecError,
-};
-use crate::workload::{
-    importer_name, uploader_in_cluster_url, uploader_ingress, uploader_name, uploader_service, worker_secret_name,
-    Owner, RepositoryAccess, SecretKey, WorkerConfig, WorkerPod, WorkerSecret, METRICS_PORT, SCRATCH_MOUNT,
-    UPLOAD_PORT,
-};
+use crate::import::{repository, ImageOwner, ImportSpecError};
+use crate::workload::{Owner, WorkerConfig};
 
 /// Which image resource, and for a VirtualImage its namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,35 +135,6 @@ impl ImageView<'_> {
         };
         Some((object.kind, namespace, &object.name))
     }
-}
-
-/// A spec the controller cannot act on: the image fails with this reason.
-struct Refusal {
-    reason: &'static str,
-    message: String,
-}
-
-impl From<ImportSpecError> for Refusal {
-    fn from(error: ImportSpecError) -> Self {
-        Refusal {
-            reason: "InvalidDataSource",
-            message: error.to_string(),
-        }
-    }
-}
-
-/// Reads a `caBundle`: base64 of PEM, as the API defines it, or PEM pasted as it is.
-fn decode_ca_bundle(field: &str, text: &str) -> Result<Vec<u8>, Refusal> {
-    if text.trim_start().starts_with("-----BEGIN") {
-        return Ok(text.as_bytes().to_vec());
-    }
-    let compact: String = text.split_whitespace().collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(compact)
-        .map_err(|error| Refusal {
-            reason: "InvalidDataSource",
-            message: format!("{field} is neither PEM nor base64 of PEM: {error}"),
-        })
 }
 
 /// Decides the status and actions of an image.
@@ -437,303 +401,43 @@ fn run_worker(
     target: &str,
     plan: &mut Plan<ImageStatus>,
 ) -> Result<(), Refusal> {
-    let upload = view.data_source.source_type == DataSourceType::Upload;
-    let (now, generation) = (observed.now, view.generation);
-    let waiting_phase = if upload { ImagePhase::WaitForUserUpload } else { ImagePhase::Provisioning };
-    let in_progress = |plan: &mut Plan<ImageStatus>, phase: ImagePhase, message: String| {
-        plan.status.phase = Some(phase);
-        let reason = if phase == ImagePhase::WaitForUserUpload { "WaitForUserUpload" } else { "Provisioning" };
-        conditions::set(
-            &mut plan.status.conditions,
-            Desired {
-                condition_type: types::READY,
-                status: false,
-                reason,
-                message,
-            },
-            generation,
-            now,
-        );
-        plan.requeue_after = Some(PROGRESS_INTERVAL);
+    let job = ImportJob {
+        owner: view.owner(),
+        data_source: view.data_source,
+        namespace,
+        pull_secret_namespace: match view.kind {
+            ImageKind::VirtualImage { namespace } => Some(namespace),
+            ImageKind::ClusterVirtualImage => None,
+        },
+        repository,
+        target,
+        shown_progress: view.status.progress.as_deref(),
+        progress_share: 1.0,
+        upload_urls: view.status.image_upload_urls.as_ref(),
+        upload_seen: view.status.phase == Some(ImagePhase::Provisioning),
     };
-    match &observed.worker {
-        WorkerState::Absent => {
-            let owner = view.owner();
-            let secret = worker_secret(view, config, namespace, repository, owner.clone())?;
-            let files = secret.mounted_files();
-            let mut args = if upload {
-                upload_args(target, view.uid, &files, config)
-            } else {
-                import_args(
-                    view.data_source,
-                    target,
-                    view.uid,
-                    &files,
-                    &format!("0.0.0.0:{METRICS_PORT}"),
-                    |_, _, _| Err(ImportSpecError::MissingSource(DataSourceType::ObjectRef, "objectRef")),
-                )?
-            };
-            args.push(format!("--scratch-dir={SCRATCH_MOUNT}"));
-            if config.registry_plain_http {
-                args.push("--plain-http".into());
-            }
-            // An upload reachable from outside: the URL already handed out
-            // is kept; the uploader answers on the Ingress's exact path too.
-            let external = match (upload, &config.upload_ingress) {
-                (true, Some(ingress)) => {
-                    let token = external_token(view.status).unwrap_or_else(|| observed.fresh_upload_token.clone());
-                    args.push(format!("--path-token={token}"));
-                    Some((ingress, token))
-                }
-                _ => None,
-            };
-            let name = if upload { uploader_name(view.uid) } else { importer_name(view.uid) };
-            plan.actions.push(Action::CreateSecret(secret));
-            plan.actions.push(Action::CreatePod(WorkerPod {
-                key: SecretKey {
-                    namespace: namespace.to_string(),
-                    name,
-                },
-                component: if upload { "uploader" } else { "importer" },
-                owner: owner.clone(),
-                args,
-                secret_name: worker_secret_name(view.uid),
-                disk: None,
-            }));
-            if upload {
-                plan.actions.push(Action::CreateService(Box::new(uploader_service(&owner, namespace))));
-                if let Some((ingress, token)) = &external {
-                    plan.actions.push(Action::CreateIngress(Box::new(uploader_ingress(
-                        &owner, namespace, ingress, token,
-                    ))));
-                }
-                plan.status.image_upload_urls = Some(UploadUrls {
-                    in_cluster: Some(uploader_in_cluster_url(view.uid, namespace)),
-                    external: external.map(|(ingress, token)| ingress.url(&token)),
-                });
-            }
-            set_datasource(plan, now, generation, !upload, upload);
-            let message = if upload {
-                "waiting for the upload: curl -T IMAGE <status.imageUploadURLs>".to_string()
-            } else {
-                "starting the importer".to_string()
-            };
-            in_progress(plan, waiting_phase, message);
-        }
-        WorkerState::Pending { waiting } => {
-            let message = match waiting {
-                Some(reason) => format!("the {} Pod waits: {reason}", if upload { "uploader" } else { "importer" }),
-                None => format!("the {} Pod is starting", if upload { "uploader" } else { "importer" }),
-            };
-            in_progress(plan, waiting_phase, message);
-        }
-        WorkerState::Running { metrics } => {
-            let progress = metrics.as_deref().map(|text| parse_progress(text, view.uid));
-            let receiving = progress.is_some_and(|progress| {
-                progress.percent.is_some_and(|percent| percent > 0.0)
-                    || progress.current_speed.is_some_and(|speed| speed > 0.0)
+    let update = import_worker::drive(&job, &observed.worker, config, &observed.fresh_upload_token)?;
+    let setter = Setter {
+        generation: view.generation,
+        now: observed.now,
+    };
+    let (actions, stored) = update.show(&mut plan.status, &setter);
+    plan.actions.extend(actions);
+    match stored {
+        None => plan.requeue_after = Some(PROGRESS_INTERVAL),
+        Some(StoredImage { size, format, cdrom }) => {
+            plan.actions.push(Action::DeleteWorker {
+                namespace: namespace.to_string(),
+                owner_uid: view.uid.to_string(),
             });
-            if let Some(progress) = progress {
-                if !upload || receiving {
-                    if let Some(text) = progress_text(&progress, view.status.progress.as_deref()) {
-                        plan.status.progress = Some(text);
-                    }
-                    plan.status.download_speed = Some(download_speed(&progress));
-                }
-            }
-            if upload && !receiving && view.status.phase != Some(ImagePhase::Provisioning) {
-                in_progress(plan, ImagePhase::WaitForUserUpload, "waiting for the upload".into());
-            } else {
-                if upload {
-                    set_datasource(plan, now, generation, true, false);
-                }
-                let message = if upload { "receiving the upload" } else { "importing" };
-                in_progress(plan, ImagePhase::Provisioning, message.into());
-            }
-        }
-        WorkerState::Succeeded { report } => {
-            // On failure the caller removes the worker.
-            match parse_report(report)? {
-                ImportOutcome::Stored { size, format, cdrom } => {
-                    plan.actions.push(Action::DeleteWorker {
-                        namespace: namespace.to_string(),
-                        owner_uid: view.uid.to_string(),
-                    });
-                    plan.status.size = Some(size);
-                    plan.status.format = Some(format);
-                    plan.status.cdrom = Some(cdrom);
-                    plan.status.download_speed = plan.status.download_speed.take().map(|mut speed| {
-                        speed.current = None;
-                        speed.current_bytes = None;
-                        speed
-                    });
-                    ready(plan, now, generation, target);
-                }
-                ImportOutcome::Failed { message, reason } => {
-                    return Err(Refusal {
-                        reason: known_reason(&reason),
-                        message,
-                    })
-                }
-            }
-        }
-        WorkerState::Failed { report, reason } => {
-            let outcome = report.as_deref().map(parse_report);
-            let refusal = match outcome {
-                Some(Ok(ImportOutcome::Failed { message, reason })) => Refusal {
-                    reason: known_reason(&reason),
-                    message,
-                },
-                _ => Refusal {
-                    reason: if upload { "UploaderFailed" } else { "ImporterFailed" },
-                    message: format!(
-                        "the {} Pod failed ({reason}) without a report; see its events",
-                        if upload { "uploader" } else { "importer" }
-                    ),
-                },
-            };
-            return Err(refusal);
+            plan.status.size = Some(size);
+            plan.status.format = Some(format);
+            plan.status.cdrom = Some(cdrom);
+            plan.status.download_speed = import_worker::settled_speed(plan.status.download_speed.take());
+            ready(plan, observed.now, view.generation, target);
         }
     }
     Ok(())
-}
-
-/// The condition reasons the importer and uploader write, as static text
-/// (unknown ones become `ImporterFailed`).
-fn known_reason(reason: &str) -> &'static str {
-    const KNOWN: [&str; 9] = [
-        "BadImageChecksum",
-        "SourceUnavailable",
-        "SourceReadFailed",
-        "BadImage",
-        "ImporterFailed",
-        "RegistryFailed",
-        "BadArguments",
-        "WaitForUserUploadTimeout",
-        "UploaderFailed",
-    ];
-    KNOWN
-        .iter()
-        .find(|known| **known == reason)
-        .copied()
-        .unwrap_or("ImporterFailed")
-}
-
-fn set_datasource(plan: &mut Plan<ImageStatus>, now: Timestamp, generation: Option<i64>, ready: bool, upload: bool) {
-    let (reason, message) = match (ready, upload) {
-        (true, _) => ("Ready", "the source is being read".to_string()),
-        (false, true) => ("WaitForUserUpload", "no upload yet".to_string()),
-        (false, false) => ("Pending", "the source is not read yet".to_string()),
-    };
-    conditions::set(
-        &mut plan.status.conditions,
-        Desired {
-            condition_type: types::DATASOURCE_READY,
-            status: ready,
-            reason,
-            message,
-        },
-        generation,
-        now,
-    );
-}
-
-/// The token of an external upload URL already handed out.
-fn external_token(status: &ImageStatus) -> Option<String> {
-    let external = status.image_upload_urls.as_ref()?.external.as_ref()?;
-    let token = external.rsplit('/').next()?;
-    (token.len() == 32 && token.chars().all(|c| c.is_ascii_alphanumeric())).then(|| token.to_string())
-}
-
-fn worker_secret(
-    view: &ImageView<'_>,
-    config: &WorkerConfig,
-    namespace: &str,
-    repository: &str,
-    owner: Owner,
-) -> Result<WorkerSecret, Refusal> {
-    let source = view.data_source;
-    let (source_ca_bundle, pull_secret) = match source.source_type {
-        DataSourceType::Http => {
-            let http = source
-                .http
-                .as_ref()
-                .ok_or(ImportSpecError::MissingSource(source.source_type, "http"))?;
-            let ca = http
-                .ca_bundle
-                .as_deref()
-                .map(|text| decode_ca_bundle("dataSource.http.caBundle", text))
-                .transpose()?;
-            (ca, None)
-        }
-        DataSourceType::ContainerImage => {
-            let image = source
-                .container_image
-                .as_ref()
-                .ok_or(ImportSpecError::MissingSource(source.source_type, "containerImage"))?;
-            let ca = image
-                .ca_bundle
-                .as_deref()
-                .map(|text| decode_ca_bundle("dataSource.containerImage.caBundle", text))
-                .transpose()?;
-            let pull_secret = match &image.image_pull_secret {
-                None => None,
-                Some(secret) => {
-                    let secret_namespace = match (&secret.namespace, view.kind) {
-                        (Some(namespace), _) => namespace.clone(),
-                        (None, ImageKind::VirtualImage { namespace }) => namespace.to_string(),
-                        (None, ImageKind::ClusterVirtualImage) => {
-                            return Err(Refusal {
-                                reason: "InvalidDataSource",
-                                message: "dataSource.containerImage.imagePullSecret.namespace is required for a \
-                                          ClusterVirtualImage"
-                                    .into(),
-                            })
-                        }
-                    };
-                    Some(SecretKey {
-                        namespace: secret_namespace,
-                        name: secret.name.clone(),
-                    })
-                }
-            };
-            (ca, pull_secret)
-        }
-        DataSourceType::Upload | DataSourceType::ObjectRef => (None, None),
-    };
-    Ok(WorkerSecret {
-        key: SecretKey {
-            namespace: namespace.to_string(),
-            name: worker_secret_name(view.uid),
-        },
-        owner,
-        access: vec![RepositoryAccess {
-            repository: repository.to_string(),
-            actions: vec!["pull", "push"],
-        }],
-        source_ca_bundle,
-        pull_secret,
-        registry_ca_bundle: config.registry_ca_bundle.clone(),
-    })
-}
-
-fn upload_args(target: &str, uid: &str, files: &crate::import::MountedFiles, config: &WorkerConfig) -> Vec<String> {
-    let mut args = vec![
-        "upload-server".to_string(),
-        format!("--listen=0.0.0.0:{UPLOAD_PORT}"),
-        format!("--destination={target}"),
-        format!("--timeout={}s", config.upload_timeout_seconds),
-    ];
-    if let Some(path) = &files.registry_token_file {
-        args.push(format!("--registry-token-file={path}"));
-    }
-    if let Some(path) = &files.registry_ca_bundle {
-        args.push(format!("--registry-ca-bundle={path}"));
-    }
-    args.push(format!("--owner-uid={uid}"));
-    args.push(format!("--metrics-listen=0.0.0.0:{METRICS_PORT}"));
-    args.push("--report-file=/dev/termination-log".into());
-    args
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 pub mod address;
 pub mod disk;
 pub mod image;
+pub mod import_worker;
 pub mod machine;
 pub mod operation;
 
@@ -16,6 +17,25 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 
 use crate::workload::{SecretKey, WorkerPod, WorkerSecret};
+
+/// A spec or an outcome the controller cannot go on with: the resource
+/// fails with this reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The `Ready` condition's reason.
+    pub reason: &'static str,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+impl From<crate::import::ImportSpecError> for Refusal {
+    fn from(error: crate::import::ImportSpecError) -> Self {
+        Refusal {
+            reason: "InvalidDataSource",
+            message: error.to_string(),
+        }
+    }
+}
 
 /// The finalizer that keeps a resource until its registry image is deleted.
 pub const FINALIZER: &str = "virtualization.deckhouse.io/dvcr-cleanup";

@@ -10,13 +10,14 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Api, Resource, ResourceExt};
+use rand::distr::{Alphanumeric, SampleString};
 
-use super::images::observe_source;
+use super::images::{observe_import_worker, observe_source};
 use super::observe::worker_state;
 use super::{execute, Context, Error};
 use crate::api::VirtualDisk;
 use crate::reconcile::disk::{quantity_bytes, reconcile, ClaimState, DiskObserved, DiskView};
-use crate::reconcile::FINALIZER;
+use crate::reconcile::{WorkerState, FINALIZER};
 use crate::workload::{disk_claim_name, provisioner_name};
 
 /// Reconciles a VirtualDisk.
@@ -45,11 +46,13 @@ async fn observe(context: &Context, view: &DiskView<'_>) -> Result<DiskObserved,
     let now = k8s_openapi::jiff::Timestamp::now();
     if view.deleting {
         return Ok(DiskObserved {
-            provisioner: worker_state(None, None),
+            importer: WorkerState::Absent,
+            provisioner: WorkerState::Absent,
             claim: None,
             source: None,
             wait_for_first_consumer: false,
             now,
+            fresh_upload_token: String::new(),
         });
     }
     let namespace = view.namespace;
@@ -81,12 +84,18 @@ async fn observe(context: &Context, view: &DiskView<'_>) -> Result<DiskObserved,
         Some((kind, namespace, name)) => Some(observe_source(context, kind, namespace, name).await?),
         None => None,
     };
+    let importer = match view.spec.data_source.as_ref().filter(|_| view.imports()) {
+        Some(source) => observe_import_worker(context, namespace, source, view.uid).await?,
+        None => WorkerState::Absent,
+    };
     Ok(DiskObserved {
+        importer,
         provisioner: worker_state(pod.as_ref(), None),
         claim,
         source,
         wait_for_first_consumer,
         now,
+        fresh_upload_token: Alphanumeric.sample_string(&mut rand::rng(), 32),
     })
 }
 

@@ -13,11 +13,11 @@ use serde::de::DeserializeOwned;
 
 use super::observe::{source_image, worker_state};
 use super::{execute, Context, Error};
-use crate::api::common::{DataSourceType, ObjectRefKind};
+use crate::api::common::{DataSource, DataSourceType, ObjectRefKind};
 use crate::api::image::{ImagePhase, ImageStorage};
 use crate::api::{ClusterVirtualImage, VirtualImage};
 use crate::reconcile::image::{reconcile, ImageKind, ImageObserved, ImageView, SourceImage};
-use crate::reconcile::FINALIZER;
+use crate::reconcile::{WorkerState, FINALIZER};
 use crate::workload::{importer_name, uploader_name, METRICS_PORT};
 
 /// How long a failed reconcile waits before the next try.
@@ -91,30 +91,11 @@ where
 /// while it runs), the `objectRef` source, and for a Ready image whether
 /// the registry still has it.
 async fn observe(context: &Context, view: &ImageView<'_>) -> Result<ImageObserved, Error> {
-    let namespace = view.worker_namespace(&context.workers);
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), namespace);
-    let name = if view.data_source.source_type == DataSourceType::Upload {
-        uploader_name(view.uid)
+    let worker = if view.deleting {
+        WorkerState::Absent
     } else {
-        importer_name(view.uid)
+        observe_import_worker(context, view.worker_namespace(&context.workers), view.data_source, view.uid).await?
     };
-    let pod = if view.deleting {
-        None
-    } else {
-        pods.get_opt(&name)
-            .await
-            .map_err(Error::kube(format!("reading Pod {namespace}/{name}")))?
-    };
-    let running_at = pod
-        .as_ref()
-        .and_then(|pod| pod.status.as_ref())
-        .filter(|status| status.phase.as_deref() == Some("Running"))
-        .and_then(|status| status.pod_ip.clone());
-    let metrics = match running_at {
-        Some(ip) => scrape(context, &ip).await,
-        None => None,
-    };
-    let worker = worker_state(pod.as_ref(), metrics);
 
     let source = match view.source_object() {
         Some((kind, namespace, name)) if !view.deleting => Some(observe_source(context, kind, namespace, name).await?),
@@ -143,6 +124,35 @@ async fn observe(context: &Context, view: &ImageView<'_>) -> Result<ImageObserve
         now: k8s_openapi::jiff::Timestamp::now(),
         fresh_upload_token: Alphanumeric.sample_string(&mut rand::rng(), 32),
     })
+}
+
+/// The importer (or, for `Upload`, the uploader) Pod of the resource
+/// `owner_uid`, with its progress page while it runs.
+pub(super) async fn observe_import_worker(
+    context: &Context,
+    namespace: &str,
+    source: &DataSource,
+    owner_uid: &str,
+) -> Result<WorkerState, Error> {
+    let name = if source.source_type == DataSourceType::Upload {
+        uploader_name(owner_uid)
+    } else {
+        importer_name(owner_uid)
+    };
+    let pod = Api::<Pod>::namespaced(context.client.clone(), namespace)
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube(format!("reading Pod {namespace}/{name}")))?;
+    let running_at = pod
+        .as_ref()
+        .and_then(|pod| pod.status.as_ref())
+        .filter(|status| status.phase.as_deref() == Some("Running"))
+        .and_then(|status| status.pod_ip.clone());
+    let metrics = match running_at {
+        Some(ip) => scrape(context, &ip).await,
+        None => None,
+    };
+    Ok(worker_state(pod.as_ref(), metrics))
 }
 
 /// The image an `objectRef` names, read from the API.

@@ -63,11 +63,13 @@ fn ready_image(virtual_bytes: u64) -> SourceImage {
 
 fn observed(provisioner: WorkerState, claim: Option<ClaimState>, source: Option<SourceImage>) -> DiskObserved {
     DiskObserved {
+        importer: WorkerState::Absent,
         provisioner,
         claim,
         source,
         wait_for_first_consumer: false,
         now: Timestamp::from_second(1_800_000_000).unwrap_or(Timestamp::UNIX_EPOCH),
+        fresh_upload_token: "U".repeat(32),
     }
 }
 
@@ -402,24 +404,284 @@ fn deletion_and_unsupported_sources() {
     let plan = reconcile(&fresh, &observed(WorkerState::Absent, None, None), &config(VolumeMode::Block));
     assert_eq!(plan.actions.first(), Some(&Action::AddFinalizer));
 
-    let http = spec(
-        Some("10Gi"),
-        Some(DataSource {
-            source_type: DataSourceType::Http,
-            http: Some(HttpSource {
-                url: "https://images.example/x.img".into(),
-                ca_bundle: None,
-                checksum: None,
-            }),
-            container_image: None,
-            object_ref: None,
+}
+
+const COPY: &str = "dvcr.dvcr.svc/vd/vms/root:1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9";
+
+fn from_url() -> Option<DataSource> {
+    Some(DataSource {
+        source_type: DataSourceType::Http,
+        http: Some(HttpSource {
+            url: "https://images.example/noble.qcow2".into(),
+            ca_bundle: None,
+            checksum: None,
         }),
-    );
+        container_image: None,
+        object_ref: None,
+    })
+}
+
+fn upload() -> Option<DataSource> {
+    Some(DataSource {
+        source_type: DataSourceType::Upload,
+        http: None,
+        container_image: None,
+        object_ref: None,
+    })
+}
+
+fn importing(importer: WorkerState, claim: Option<ClaimState>, provisioner: WorkerState) -> DiskObserved {
+    DiskObserved {
+        importer,
+        ..observed(provisioner, claim, None)
+    }
+}
+
+fn progress_page(percent: f64) -> String {
+    format!(
+        "registry_progress{{ownerUID=\"{UID}\"}} {percent}\nregistry_average_speed{{ownerUID=\"{UID}\"}} 1048576\n\
+         registry_current_speed{{ownerUID=\"{UID}\"}} 2097152\n"
+    )
+}
+
+fn stored_report(virtual_bytes: u64) -> WorkerState {
+    WorkerState::Succeeded {
+        report: format!(
+            r#"{{"source-image-size":1073741824,"source-image-virtual-size":{virtual_bytes},
+            "source-image-format":"qcow2","duration":5000000000,"average-speed":214748364}}"#
+        ),
+    }
+}
+
+fn created<'a, T>(plan: &'a Plan<VirtualDiskStatus>, pick: impl Fn(&'a Action) -> Option<&'a T>) -> Vec<&'a T> {
+    plan.actions.iter().filter_map(pick).collect()
+}
+
+fn pods(plan: &Plan<VirtualDiskStatus>) -> Vec<&WorkerPod> {
+    created(plan, |action| match action {
+        Action::CreatePod(pod) => Some(pod),
+        _ => None,
+    })
+}
+
+fn secrets(plan: &Plan<VirtualDiskStatus>) -> Vec<&crate::workload::WorkerSecret> {
+    created(plan, |action| match action {
+        Action::CreateSecret(secret) => Some(secret),
+        _ => None,
+    })
+}
+
+fn claim_request(plan: &Plan<VirtualDiskStatus>) -> Option<String> {
+    plan.actions.iter().find_map(|action| match action {
+        Action::CreateClaim(claim) => claim
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.resources.as_ref())
+            .and_then(|resources| resources.requests.as_ref())
+            .and_then(|requests| requests.get("storage"))
+            .map(|quantity| quantity.0.clone()),
+        _ => None,
+    })
+}
+
+fn copy_deletion() -> Action {
+    Action::DeleteImage {
+        repository: "vd/vms/root".into(),
+        tag: UID.into(),
+    }
+}
+
+#[test]
+fn a_disk_from_a_url_is_imported_into_its_copy_then_written_into_a_claim_of_the_images_size() {
+    let disk = spec(None, from_url());
+    let block = config(VolumeMode::Block);
+    let status = VirtualDiskStatus::default();
+
+    // 1. The importer stores the source as the disk's copy; no PVC yet.
+    let plan = reconcile(&view(&disk, &status), &importing(WorkerState::Absent, None, WorkerState::Absent), &block);
+    let importer = pods(&plan);
+    assert_eq!(importer.len(), 1, "{:?}", plan.actions);
+    assert_eq!(importer[0].component, "importer");
+    assert_eq!(importer[0].key.name, format!("dvcr-importer-{UID}"));
+    assert_eq!(importer[0].owner.kind, "VirtualDisk");
+    assert_eq!(importer[0].args[..3], ["import", "https://images.example/noble.qcow2", COPY]);
+    assert!(importer[0].disk.is_none(), "the importer does not touch the PVC");
+    let secret = secrets(&plan);
+    assert_eq!(secret[0].access[0].repository, "vd/vms/root");
+    assert_eq!(secret[0].access[0].actions, vec!["pull", "push"]);
+    assert_eq!(claim_request(&plan), None, "the PVC's size is not known before the import");
+    assert_eq!(plan.status.phase, Some(DiskPhase::Provisioning));
+    assert_eq!(plan.requeue_after, Some(PROGRESS_INTERVAL));
+
+    // Its progress is the first half of the disk's.
+    let running = WorkerState::Running {
+        metrics: Some(progress_page(60.0)),
+    };
+    let plan = reconcile(&view(&disk, &plan.status), &importing(running, None, WorkerState::Absent), &block);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.status.progress.as_deref(), Some("30.0%"));
+    let speed = plan.status.download_speed.clone().unwrap_or_default();
+    assert_eq!(speed.current_bytes.as_deref(), Some("2097152"));
+    assert_eq!(ready_condition(&plan.status).2, "importing");
+
+    // 2. Stored: a PVC of the image's virtual size, the importer removed.
     let plan = reconcile(
-        &view(&http, &status),
-        &observed(WorkerState::Absent, None, None),
+        &view(&disk, &plan.status),
+        &importing(stored_report(3 * GIB), None, WorkerState::Absent),
+        &block,
+    );
+    assert_eq!(claim_request(&plan), Some((3 * GIB).to_string()));
+    assert_eq!(plan.actions.last(), Some(&cleanup()), "the importer goes after the PVC is made");
+    assert!(pods(&plan).is_empty(), "the provisioner waits for the importer's Secret to go");
+    assert_eq!(plan.status.progress.as_deref(), Some("50.0%"));
+    assert_eq!(plan.status.download_speed.as_ref().and_then(|speed| speed.current.clone()), None);
+    let datasource = conditions::find(&plan.status.conditions, types::DATASOURCE_READY);
+    assert_eq!(datasource.map(|condition| condition.status.as_str()), Some("True"));
+    assert!(datasource.is_some_and(|condition| condition.message.contains(COPY)));
+
+    // The importer still there (a crash between the two actions): removed first.
+    let pending_claim = Some(ClaimState {
+        phase: Some("Pending".into()),
+        requested_bytes: Some(3 * GIB),
+        capacity_bytes: None,
+        storage_class: Some("fast".into()),
+    });
+    let plan = reconcile(
+        &view(&disk, &plan.status),
+        &importing(stored_report(3 * GIB), pending_claim.clone(), WorkerState::Absent),
+        &block,
+    );
+    assert_eq!(plan.actions, vec![cleanup()]);
+    assert_eq!(plan.status.phase, Some(DiskPhase::Provisioning));
+
+    // 3. The provisioner writes the copy into the PVC, with a pull-only token.
+    let plan = reconcile(
+        &view(&disk, &plan.status),
+        &importing(WorkerState::Absent, pending_claim, WorkerState::Absent),
+        &block,
+    );
+    let provisioner = pods(&plan);
+    assert_eq!(provisioner.len(), 1, "{:?}", plan.actions);
+    assert_eq!(provisioner[0].component, "provisioner");
+    assert_eq!(
+        provisioner[0].args[..5],
+        ["convert", &format!("docker://{COPY}"), VolumeMode::Block.provisioner_target(), "-O", "raw"]
+    );
+    assert_eq!(secrets(&plan)[0].access[0].actions, vec!["pull"]);
+    assert_eq!(plan.status.phase, Some(DiskPhase::Provisioning));
+
+    // 4. Written: the copy is deleted before the workers, then Ready.
+    let plan = reconcile(
+        &view(&disk, &plan.status),
+        &importing(
+            WorkerState::Absent,
+            bound(3 * GIB, 3 * GIB),
+            WorkerState::Succeeded { report: String::new() },
+        ),
+        &block,
+    );
+    assert_eq!(plan.actions, vec![copy_deletion(), cleanup()]);
+    assert_eq!(plan.status.phase, Some(DiskPhase::Ready));
+    assert_eq!(plan.status.progress.as_deref(), Some("100%"));
+
+    // Deleting a Ready disk leaves the registry alone; one still being made
+    // deletes its copy.
+    let mut leaving = view(&disk, &plan.status);
+    leaving.deleting = true;
+    let gone = reconcile(&leaving, &importing(WorkerState::Absent, None, WorkerState::Absent), &block);
+    assert_eq!(gone.actions, vec![cleanup(), Action::RemoveFinalizer]);
+    let making = VirtualDiskStatus {
+        phase: Some(DiskPhase::Provisioning),
+        ..VirtualDiskStatus::default()
+    };
+    let mut leaving = view(&disk, &making);
+    leaving.deleting = true;
+    let gone = reconcile(&leaving, &importing(WorkerState::Absent, None, WorkerState::Absent), &block);
+    assert_eq!(gone.actions, vec![cleanup(), copy_deletion(), Action::RemoveFinalizer]);
+}
+
+#[test]
+fn a_disk_smaller_than_its_imported_image_fails_and_an_importer_failure_is_its_failure() {
+    let disk = spec(Some("1Gi"), from_url());
+    let status = VirtualDiskStatus {
+        phase: Some(DiskPhase::Provisioning),
+        ..VirtualDiskStatus::default()
+    };
+    let plan = reconcile(
+        &view(&disk, &status),
+        &importing(stored_report(3 * GIB), None, WorkerState::Absent),
         &config(VolumeMode::Block),
     );
     assert_eq!(plan.status.phase, Some(DiskPhase::Failed));
-    assert!(ready_condition(&plan.status).2.contains("create a VirtualImage from it"));
+    let (_, reason, message) = ready_condition(&plan.status);
+    assert_eq!(reason, "InvalidSize");
+    assert!(message.contains("1.0Gi") && message.contains("3.0Gi"), "{message}");
+    assert_eq!(plan.actions, vec![cleanup()]);
+    assert_eq!(claim_request(&plan), None);
+
+    let mismatch = WorkerState::Failed {
+        report: Some(
+            r#"{"source-image-size":0,"source-image-virtual-size":0,"source-image-format":"","duration":1,
+            "average-speed":0,"error-message":"sha256 mismatch","reason":"BadImageChecksum"}"#
+                .into(),
+        ),
+        reason: "Error: exit code 1".into(),
+    };
+    let plan = reconcile(
+        &view(&disk, &status),
+        &importing(mismatch, None, WorkerState::Absent),
+        &config(VolumeMode::Block),
+    );
+    assert_eq!(plan.status.phase, Some(DiskPhase::Failed));
+    assert_eq!(ready_condition(&plan.status).1, "BadImageChecksum");
+    assert_eq!(ready_condition(&plan.status).2, "sha256 mismatch");
+    assert_eq!(plan.actions, vec![cleanup()]);
+}
+
+#[test]
+fn a_disk_from_an_upload_waits_for_its_user_then_receives() {
+    let disk = spec(Some("10Gi"), upload());
+    let mut settings = config(VolumeMode::Filesystem);
+    settings.upload_ingress = Some(crate::workload::UploadIngress {
+        host: "upload.example.com".into(),
+        class_name: None,
+        tls_secret_name: None,
+    });
+    let status = VirtualDiskStatus::default();
+    let plan = reconcile(&view(&disk, &status), &importing(WorkerState::Absent, None, WorkerState::Absent), &settings);
+    let uploader = pods(&plan);
+    assert_eq!(uploader[0].component, "uploader");
+    assert!(uploader[0].args.contains(&format!("--destination={COPY}")), "{:?}", uploader[0].args);
+    assert!(plan.actions.iter().any(|action| matches!(action, Action::CreateService(_))));
+    assert!(plan.actions.iter().any(|action| matches!(action, Action::CreateIngress(_))));
+    assert_eq!(plan.status.phase, Some(DiskPhase::WaitForUserUpload));
+    let urls = plan.status.image_upload_urls.clone().unwrap_or_default();
+    assert_eq!(urls.external.as_deref(), Some(format!("http://upload.example.com/upload/{}", "U".repeat(32)).as_str()));
+    assert!(urls.in_cluster.as_deref().is_some_and(|url| url.contains(".vms.svc")));
+
+    let idle = WorkerState::Running {
+        metrics: Some(progress_page(0.0).replace("2097152", "0")),
+    };
+    let plan = reconcile(&view(&disk, &plan.status), &importing(idle, None, WorkerState::Absent), &settings);
+    assert_eq!(plan.status.phase, Some(DiskPhase::WaitForUserUpload));
+    assert_eq!(plan.status.image_upload_urls, Some(urls.clone()), "the URLs stay");
+
+    let receiving = WorkerState::Running {
+        metrics: Some(progress_page(20.0)),
+    };
+    let plan = reconcile(&view(&disk, &plan.status), &importing(receiving, None, WorkerState::Absent), &settings);
+    assert_eq!(plan.status.phase, Some(DiskPhase::Provisioning));
+    assert_eq!(plan.status.progress.as_deref(), Some("10.0%"));
+    assert_eq!(ready_condition(&plan.status).2, "receiving the upload");
+
+    let plan = reconcile(
+        &view(&disk, &plan.status),
+        &importing(stored_report(2 * GIB), None, WorkerState::Absent),
+        &settings,
+    );
+    assert_eq!(
+        claim_request(&plan),
+        Some(VolumeMode::Filesystem.claim_bytes(10 * GIB).to_string()),
+        "the size asked for, with the file system's overhead"
+    );
 }

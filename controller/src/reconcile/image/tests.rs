@@ -2,7 +2,7 @@ use super::*;
 use crate::api::common::{
     Checksum, ContainerImageSource, DownloadSpeed, HttpSource, ObjectRefSource, SecretName,
 };
-use crate::workload::{UploadIngress, VolumeMode};
+use crate::workload::{SecretKey, UploadIngress, VolumeMode, WorkerPod, WorkerSecret};
 
 const UID: &str = "0b5c7e0e-1111-2222-3333-444455556666";
 const TARGET: &str = "dvcr.dvcr.svc/vi/vms/ubuntu:0b5c7e0e-1111-2222-3333-444455556666";
@@ -589,10 +589,10 @@ fn container_images_mount_their_pull_secret_and_cluster_images_run_in_the_contro
 #[test]
 fn ca_bundles_may_be_pem_or_base64_and_anything_else_is_refused() {
     assert_eq!(
-        decode_ca_bundle("f", "-----BEGIN CERTIFICATE-----\nAA\n").ok(),
+        import_worker::decode_ca_bundle("f", "-----BEGIN CERTIFICATE-----\nAA\n").ok(),
         Some(b"-----BEGIN CERTIFICATE-----\nAA\n".to_vec())
     );
-    assert_eq!(decode_ca_bundle("f", "LS0t\nLS0t").ok(), Some(b"------".to_vec()));
+    assert_eq!(import_worker::decode_ca_bundle("f", "LS0t\nLS0t").ok(), Some(b"------".to_vec()));
     let mut source = http_source();
     if let Some(http) = source.http.as_mut() {
         http.ca_bundle = Some("not base64 at all!".into());
