@@ -98,6 +98,13 @@ struct ConvertArgs {
     /// Speak plain HTTP to a docker:// source's registry (loopback registries do unless --ca-bundle is given).
     #[arg(long)]
     plain_http: bool,
+    /// Serve the progress of an http(s):// or docker:// source's conversion at http://ADDR/metrics, as the importer
+    /// does (`registry_progress`, `registry_average_speed`, `registry_current_speed`: bytes read of the source).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Label value of the progress gauges (the owning resource's UID).
+    #[arg(long, default_value = "")]
+    owner_uid: String,
 }
 
 fn info(args: InfoArgs) -> anyhow::Result<()> {
@@ -138,8 +145,21 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         if output_format != dvcr_converter::OutputFormat::Raw {
             anyhow::bail!("qcow2 output is written from local raw files; {source_text} can be converted to raw");
         }
-        return dvcr_converter::convert::convert_read_at(remote.as_ref(), &args.destination, args.max_virtual_size)
-            .with_context(|| format!("cannot convert {source_text}"));
+        let progress = Arc::new(dvcr_importer::progress::Progress::default());
+        progress.set_total(Some(remote.size()));
+        // Kept alive until the conversion ends: it serves the gauges.
+        let _metrics = match args.metrics_listen {
+            Some(address) => Some(transfer::metrics_runtime(address, progress.clone(), args.owner_uid.clone())?),
+            None => None,
+        };
+        let counted = transfer::CountedSource::new(remote, progress.clone());
+        dvcr_converter::convert::convert_read_at(&counted, &args.destination, args.max_virtual_size)
+            .with_context(|| format!("cannot convert {source_text}"))?;
+        progress.finish();
+        return Ok(());
+    }
+    if args.metrics_listen.is_some() {
+        anyhow::bail!("--metrics-listen reports the conversion of an http(s):// or docker:// source only");
     }
     dvcr_converter::convert::convert_file(&args.source, &args.destination, output_format, args.max_virtual_size)
         .with_context(|| format!("cannot convert {}", args.source.display()))

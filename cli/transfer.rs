@@ -415,6 +415,50 @@ pub struct RemoteAccess<'a> {
 
 /// A random-access reader for an `http(s)://` URL or a `docker://`
 /// reference, or `None` for a local path.
+/// A source whose reads are counted as progress.
+pub struct CountedSource {
+    inner: Box<dyn dvcr_converter::source::ReadAt>,
+    progress: Arc<Progress>,
+}
+
+impl CountedSource {
+    /// Counts the reads of `inner` in `progress`.
+    pub fn new(inner: Box<dyn dvcr_converter::source::ReadAt>, progress: Arc<Progress>) -> Self {
+        CountedSource { inner, progress }
+    }
+}
+
+impl dvcr_converter::source::ReadAt for CountedSource {
+    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buffer, offset)?;
+        self.progress.add_read(buffer.len() as u64);
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+}
+
+/// A one-thread runtime serving `progress` at `address`/metrics, for a
+/// synchronous command; the gauges go when it is dropped.
+pub fn metrics_runtime(
+    address: SocketAddr,
+    progress: Arc<Progress>,
+    owner_uid: String,
+) -> anyhow::Result<tokio::runtime::Runtime> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(address))
+        .with_context(|| format!("cannot listen on {address} for metrics"))?;
+    runtime.spawn(dvcr_importer::progress::serve_metrics(listener, progress, owner_uid));
+    Ok(runtime)
+}
+
 pub fn remote_source(
     source: &str,
     access: &RemoteAccess<'_>,

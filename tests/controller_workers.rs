@@ -102,7 +102,7 @@ impl Cluster {
     /// Runs a planned provisioner with its PVC's file system mapped onto a
     /// folder; returns the disk it wrote.
     fn run_provisioner(&self, pod: &WorkerPod, name: &str) -> std::path::PathBuf {
-        let (mut args, _) = self.local_args(pod, name, &[]);
+        let (mut args, _) = self.local_args(pod, name, &[("0.0.0.0:8090", free_port())]);
         let disk = self.root.join(name).join("disk/disk.img");
         std::fs::create_dir_all(self.root.join(name).join("disk")).unwrap();
         for arg in args.iter_mut() {

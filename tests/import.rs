@@ -418,6 +418,46 @@ fn convert_reads_urls_and_registry_images_in_place() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("does not support Range requests"));
     assert!(!converted.exists());
 
+    // With --metrics-listen, the reads of the source are the importer's gauges
+    // (the provisioner's progress); a slow server makes them observable midway.
+    let port = common::free_port();
+    let destination = directory.path().join("slow.raw");
+    let mut converting = Command::new(DVCR)
+        .args(["convert", &web.url("slow", "disk.qcow2")])
+        .arg(&destination)
+        .args(["--owner-uid", "disk-1", "--metrics-listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen: Vec<f64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while converting.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        let page = Command::new(require_tool("curl"))
+            .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
+            .output()
+            .unwrap();
+        let page = String::from_utf8_lossy(&page.stdout).to_string();
+        let value = page
+            .lines()
+            .find_map(|line| line.strip_prefix("registry_progress{ownerUID=\"disk-1\"} "))
+            .and_then(|value| value.trim().parse::<f64>().ok());
+        seen.extend(value);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = converting.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    run(Command::new(require_tool("cmp")).arg(&expected).arg(&destination));
+    assert!(seen.windows(2).all(|pair| pair[0] <= pair[1]), "progress went back: {seen:?}");
+    assert!(seen.iter().any(|percent| *percent > 0.0 && *percent < 100.0), "no progress midway: {seen:?}");
+    let local = Command::new(DVCR)
+        .args(["convert", &format!("{}/disk.qcow2", files.display())])
+        .arg(directory.path().join("local-metrics.raw"))
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(local.status.code(), Some(1), "local files report no progress: refused, not ignored");
+    assert!(String::from_utf8_lossy(&local.stderr).contains("--metrics-listen"));
+
     let reference = format!("{}/vi/vms/inplace:uid", server.address);
     import_ok(&web.url("plain", "compressed.qcow2"), &reference, &[]);
     let (output, converted) = convert(&format!("docker://{reference}"), "registry.raw");

@@ -204,6 +204,16 @@ pub fn parse_progress(metrics: &str, owner_uid: &str) -> ImportProgress {
     }
 }
 
+/// [`progress_text`] of a step that is `share` of the whole and starts at
+/// `from` percent: an imported disk's import is its first half.
+pub fn share_text(progress: &ImportProgress, from: f64, share: f64, previous: Option<&str>) -> Option<String> {
+    let scaled = ImportProgress {
+        percent: progress.percent.map(|percent| from + percent * share),
+        ..*progress
+    };
+    progress_text(&scaled, previous)
+}
+
 /// `status.progress` while importing: never below what was shown before, and
 /// never `100%` before the image is Ready (the last percent covers the
 /// config, the manifest and the tag).

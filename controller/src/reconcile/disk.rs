@@ -19,10 +19,10 @@ use super::{Action, Plan, Refusal, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_I
 use crate::api::common::{DataSourceType, ObjectRefKind};
 use crate::api::disk::{DiskPhase, DiskTarget, VirtualDiskSpec, VirtualDiskStatus};
 use crate::conditions::{self, types, Desired, Setter};
-use crate::import::{human_bytes, repository, ImageOwner};
+use crate::import::{human_bytes, parse_progress, repository, share_text, ImageOwner};
 use crate::workload::{
     disk_claim, disk_claim_name, provisioner_name, worker_secret_name, DiskVolume, Owner, RepositoryAccess,
-    SecretKey, WorkerConfig, WorkerPod, WorkerSecret,
+    SecretKey, WorkerConfig, WorkerPod, WorkerSecret, METRICS_PORT,
 };
 
 /// What the reconciler reads of a VirtualDisk.
@@ -499,7 +499,14 @@ fn provision(
             set(&mut plan.status, now, generation, types::READY, false, "Provisioning", message);
             plan.requeue_after = Some(PROGRESS_INTERVAL);
         }
-        WorkerState::Running { .. } => {
+        WorkerState::Running { metrics } => {
+            // An imported disk's first half was its import.
+            let (from, share) = if view.imports() { (50.0, 0.5) } else { (0.0, 1.0) };
+            let progress = metrics.as_deref().map(|text| parse_progress(text, view.uid));
+            let shown = view.status.progress.as_deref();
+            if let Some(text) = progress.and_then(|progress| share_text(&progress, from, share, shown)) {
+                plan.status.progress = Some(text);
+            }
             plan.status.phase = Some(DiskPhase::Provisioning);
             set(
                 &mut plan.status,
@@ -714,6 +721,8 @@ fn start_provisioner(
     if config.registry_plain_http {
         args.push("--plain-http".into());
     }
+    args.push(format!("--owner-uid={}", view.uid));
+    args.push(format!("--metrics-listen=0.0.0.0:{METRICS_PORT}"));
     plan.actions.push(Action::CreateSecret(secret));
     plan.actions.push(Action::CreatePod(WorkerPod {
         key: SecretKey {

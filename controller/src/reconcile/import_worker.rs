@@ -12,8 +12,8 @@ use crate::api::disk::{DiskPhase, VirtualDiskStatus};
 use crate::api::image::{ImagePhase, ImageStatus};
 use crate::conditions::{types, Setter};
 use crate::import::{
-    download_speed, import_args, parse_progress, parse_report, progress_text, ImportOutcome, ImportProgress,
-    ImportSpecError, MountedFiles,
+    download_speed, import_args, parse_progress, parse_report, share_text, ImportOutcome, ImportSpecError,
+    MountedFiles,
 };
 use crate::workload::{
     importer_name, uploader_in_cluster_url, uploader_ingress, uploader_name, uploader_service, worker_secret_name,
@@ -254,7 +254,7 @@ pub fn drive(
                 working(false, "importing".into(), None)
             };
             if let Some(progress) = progress.filter(|_| !upload || receiving) {
-                update.progress = shown_progress(&progress, job);
+                update.progress = share_text(&progress, 0.0, job.progress_share, job.shown_progress);
                 update.download_speed = Some(download_speed(&progress));
             }
             Ok(update)
@@ -283,16 +283,6 @@ pub fn drive(
             },
         }),
     }
-}
-
-/// The import's progress as the resource shows it: its share of the
-/// whole, never backwards, never 100% (that is for Ready).
-fn shown_progress(progress: &ImportProgress, job: &ImportJob<'_>) -> Option<String> {
-    let scaled = ImportProgress {
-        percent: progress.percent.map(|percent| percent * job.progress_share),
-        ..*progress
-    };
-    progress_text(&scaled, job.shown_progress)
 }
 
 /// The download speed once the import ended: the average stays, the

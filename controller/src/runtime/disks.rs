@@ -5,15 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Api, Resource, ResourceExt};
 use rand::distr::{Alphanumeric, SampleString};
 
-use super::images::{observe_import_worker, observe_source};
-use super::observe::worker_state;
+use super::images::{observe_import_worker, observe_source, observe_worker};
 use super::{execute, Context, Error};
 use crate::api::VirtualDisk;
 use crate::reconcile::disk::{quantity_bytes, reconcile, ClaimState, DiskObserved, DiskView};
@@ -56,11 +55,7 @@ async fn observe(context: &Context, view: &DiskView<'_>) -> Result<DiskObserved,
         });
     }
     let namespace = view.namespace;
-    let pod_name = provisioner_name(view.uid);
-    let pod = Api::<Pod>::namespaced(context.client.clone(), namespace)
-        .get_opt(&pod_name)
-        .await
-        .map_err(Error::kube(format!("reading Pod {namespace}/{pod_name}")))?;
+    let provisioner = observe_worker(context, namespace, &provisioner_name(view.uid)).await?;
     let claim_name = disk_claim_name(view.name, view.uid);
     let claim = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), namespace)
         .get_opt(&claim_name)
@@ -90,7 +85,7 @@ async fn observe(context: &Context, view: &DiskView<'_>) -> Result<DiskObserved,
     };
     Ok(DiskObserved {
         importer,
-        provisioner: worker_state(pod.as_ref(), None),
+        provisioner,
         claim,
         source,
         wait_for_first_consumer,

@@ -139,8 +139,13 @@ pub(super) async fn observe_import_worker(
     } else {
         importer_name(owner_uid)
     };
+    observe_worker(context, namespace, &name).await
+}
+
+/// The worker Pod `name`, with its progress page while it runs.
+pub(super) async fn observe_worker(context: &Context, namespace: &str, name: &str) -> Result<WorkerState, Error> {
     let pod = Api::<Pod>::namespaced(context.client.clone(), namespace)
-        .get_opt(&name)
+        .get_opt(name)
         .await
         .map_err(Error::kube(format!("reading Pod {namespace}/{name}")))?;
     let running_at = pod

@@ -145,6 +145,8 @@ fn a_disk_from_an_image_gets_a_pvc_and_a_provisioner_in_one_step() {
             "raw".into(),
             "--registry-token-file=/var/run/dvcr/registry-token".into(),
             "--ca-bundle=/var/run/dvcr/registry-ca.crt".into(),
+            format!("--owner-uid={UID}"),
+            "--metrics-listen=0.0.0.0:8090".into(),
         ]
     );
     let shaped = serde_json::to_value(pod.pod(&config(VolumeMode::Block))).unwrap_or_default();
@@ -202,6 +204,39 @@ fn provisioning_runs_then_the_disk_is_ready_and_the_worker_goes() {
     assert!(running.actions.is_empty(), "{:?}", running.actions);
     assert_eq!(running.status.phase, Some(DiskPhase::Provisioning));
     assert_eq!(running.status.capacity.as_deref(), Some("10.0Gi"));
+    assert_eq!(running.status.progress, None, "no progress page, no progress");
+
+    // The provisioner's gauges are the disk's progress; it never goes back.
+    let at = |percent: f64, previous: Option<&str>| {
+        let status = VirtualDiskStatus {
+            progress: previous.map(String::from),
+            ..status.clone()
+        };
+        let metrics = WorkerState::Running {
+            metrics: Some(progress_page(percent)),
+        };
+        let plan = reconcile(
+            &view(&disk, &status),
+            &observed(metrics, bound(10 * GIB, 10 * GIB), Some(ready_image(10 * GIB))),
+            &config(VolumeMode::Block),
+        );
+        plan.status.progress
+    };
+    assert_eq!(at(42.0, Some("0%")).as_deref(), Some("42.0%"));
+    assert_eq!(at(30.0, Some("42.0%")).as_deref(), Some("42.0%"));
+    assert_eq!(at(100.0, Some("42.0%")).as_deref(), Some("99.9%"), "100% is for Ready");
+    let imported = spec(None, from_url());
+    let status = VirtualDiskStatus {
+        phase: Some(DiskPhase::Provisioning),
+        progress: Some("50.0%".into()),
+        ..VirtualDiskStatus::default()
+    };
+    let metrics = WorkerState::Running {
+        metrics: Some(progress_page(40.0)),
+    };
+    let writing = importing(WorkerState::Absent, bound(GIB, GIB), metrics);
+    let plan = reconcile(&view(&imported, &status), &writing, &config(VolumeMode::Block));
+    assert_eq!(plan.status.progress.as_deref(), Some("70.0%"), "the second half of an imported disk");
 
     let done = reconcile(
         &view(&disk, &running.status),
