@@ -816,6 +816,8 @@ async fn an_always_on_machine_that_stopped_is_started_through_kubevirt() {
         },
     ];
     let mut kubevirt = virtual_machine("web", "vms", UID, &machine.spec, &devices).unwrap();
+    // As the controller renders it: the template stamped with its hash.
+    dvcr_controller::kubevirt::stamp_template(&mut kubevirt);
     kubevirt["status"] = json!({"printableStatus": "Stopped"});
     let answer = serde_json::to_value(&machine).unwrap();
     let exchanges = vec![
@@ -1155,4 +1157,196 @@ async fn one_replica_leads_through_a_lease_and_a_lost_write_is_not_leading() {
     ];
     let (outcome, ()) = tokio::join!(try_acquire_or_renew(&context.client, "dvcr", "a"), serve(handle, exchanges));
     assert!(!outcome.unwrap(), "a write lost to another replica is not leading");
+}
+
+#[tokio::test]
+async fn a_discovery_class_lists_the_nodes_and_writes_its_available_nodes_and_common_features() {
+    use dvcr_controller::runtime::classes::reconcile_class;
+    let setup = Setup::new();
+    let (context, handle) = setup.context();
+    let class: dvcr_controller::api::VirtualMachineClass = serde_json::from_value(json!({
+        "apiVersion": "virtualization.deckhouse.io/v1alpha2", "kind": "VirtualMachineClass",
+        "metadata": {"name": "generic", "uid": UID, "generation": 3, "resourceVersion": "12"},
+        "spec": {"cpu": {"type": "Discovery", "discovery": {"nodeSelector": {"matchLabels": {"rack": "r1"}}}},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "vms", "effect": "NoSchedule"}]},
+    }))
+    .unwrap();
+    let node = |name: &str, rack: &str, features: &[&str], taint: Option<(&str, &str)>| {
+        let mut labels = serde_json::Map::new();
+        labels.insert("rack".into(), json!(rack));
+        for feature in features {
+            labels.insert(format!("cpu-feature.node.kubevirt.io/{feature}"), json!("true"));
+        }
+        let taints: Vec<Value> = taint
+            .map(|(key, value)| json!({"key": key, "value": value, "effect": "NoSchedule"}))
+            .into_iter()
+            .collect();
+        json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints}})
+    };
+    let nodes = json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "90"}, "items": [
+        node("n1", "r1", &["aes", "avx2", "sse4.2"], None),
+        node("n2", "r1", &["aes", "sse4.2"], Some(("dedicated", "vms"))),
+        node("n3", "r2", &["aes"], Some(("dedicated", "db"))),
+    ]});
+    let answer = serde_json::to_value(&class).unwrap();
+    let exchanges = vec![
+        expect("GET", "/api/v1/nodes", 200, nodes),
+        expect("PATCH", format!("{GROUP_PATH}/virtualmachineclasses/generic/status"), 200, answer).checking(
+            |_, body| {
+                let status = &body["status"];
+                assert_eq!(status["phase"], "Ready");
+                assert_eq!(status["availableNodes"], json!(["n1", "n2"]), "n3's taint is not tolerated");
+                assert_eq!(status["cpuFeatures"]["enabled"], json!(["aes", "sse4.2"]));
+                assert_eq!(status["observedGeneration"], 3);
+                assert_eq!(status["conditions"][0]["type"], "Discovered");
+                assert_eq!(status["conditions"][0]["status"], "True");
+            },
+        ),
+    ];
+    let (outcome, ()) = tokio::join!(reconcile_class(Arc::new(class), context), serve(handle, exchanges));
+    assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+fn attachment_object(deleting: bool) -> dvcr_controller::api::VirtualMachineBlockDeviceAttachment {
+    let mut metadata = json!({"name": "hot", "namespace": "vms", "uid": UID, "generation": 1,
+        "resourceVersion": "40", "finalizers": [FINALIZER]});
+    if deleting {
+        metadata["deletionTimestamp"] = json!("2026-12-07T05:00:00Z");
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "virtualization.deckhouse.io/v1alpha2", "kind": "VirtualMachineBlockDeviceAttachment",
+        "metadata": metadata,
+        "spec": {"virtualMachineName": "web", "blockDeviceRef": {"kind": "VirtualDisk", "name": "data"}},
+        "status": {"phase": if deleting { "Attached" } else { "Pending" }},
+    }))
+    .unwrap()
+}
+
+/// KubeVirt's running instance of `web`, with the volume `vd-data` when
+/// `plugged`.
+fn running_instance(plugged: bool) -> Value {
+    let mut volumes = vec![json!({"name": "vd-root", "persistentVolumeClaim": {"claimName": "vd-root-pvc"}})];
+    let mut statuses = vec![json!({"name": "vd-root", "phase": "Ready", "target": "vda"})];
+    if plugged {
+        let claim = json!({"claimName": "vd-data-pvc", "hotpluggable": true});
+        volumes.push(json!({"name": "vd-data", "persistentVolumeClaim": claim}));
+        statuses.push(json!({"name": "vd-data", "phase": "Ready", "target": "sda", "hotplugVolume": {}}));
+    }
+    json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"name": "web", "namespace": "vms", "uid": SOURCE_UID},
+        "spec": {"volumes": volumes}, "status": {"phase": "Running", "volumeStatus": statuses}})
+}
+
+/// The exchanges observing a new attachment of disk `data` to the running
+/// `web`: its instance, the disk, the machines, the attachments.
+fn attachment_observation() -> Vec<Exchange> {
+    let (mut disk, _) = machine_fixtures();
+    disk["metadata"]["name"] = json!("data");
+    disk["status"]["target"]["persistentVolumeClaimName"] = json!("vd-data-pvc");
+    let machine = serde_json::to_value(virtual_machine_object("Manual")).unwrap();
+    let machines = json!({"apiVersion": "virtualization.deckhouse.io/v1alpha2", "kind": "VirtualMachineList",
+        "metadata": {"resourceVersion": "41"}, "items": [machine]});
+    let attachments = json!({"apiVersion": "virtualization.deckhouse.io/v1alpha2",
+        "kind": "VirtualMachineBlockDeviceAttachmentList", "metadata": {"resourceVersion": "41"},
+        "items": [serde_json::to_value(attachment_object(false)).unwrap()]});
+    vec![
+        expect("GET", "/apis/kubevirt.io/v1/namespaces/vms/virtualmachineinstances/web", 200, running_instance(false)),
+        expect("GET", format!("{GROUP_PATH}/namespaces/vms/virtualdisks/data"), 200, disk),
+        expect("GET", format!("{GROUP_PATH}/namespaces/vms/virtualmachines"), 200, machines),
+        expect("GET", format!("{GROUP_PATH}/namespaces/vms/virtualmachineblockdeviceattachments"), 200, attachments),
+    ]
+}
+
+const ADD_VOLUME_PATH: &str = "/apis/subresources.kubevirt.io/v1/namespaces/vms/virtualmachineinstances/web/addvolume";
+const REMOVE_VOLUME_PATH: &str =
+    "/apis/subresources.kubevirt.io/v1/namespaces/vms/virtualmachineinstances/web/removevolume";
+const ATTACHMENT_STATUS_PATH: &str =
+    "/apis/virtualization.deckhouse.io/v1alpha2/namespaces/vms/virtualmachineblockdeviceattachments/hot/status";
+
+#[tokio::test]
+async fn an_attachment_hot_plugs_the_disks_pvc_into_the_running_instance() {
+    use dvcr_controller::runtime::attachments::reconcile_attachment;
+    let setup = Setup::new();
+    let (context, handle) = setup.context();
+    let attachment = attachment_object(false);
+    let answer = serde_json::to_value(&attachment).unwrap();
+    let mut exchanges = attachment_observation();
+    exchanges.extend([
+        expect("PUT", ADD_VOLUME_PATH, 202, json!({})).checking(|_, body| {
+            assert_eq!(body["name"], "vd-data");
+            assert_eq!(body["disk"]["disk"]["bus"], "scsi");
+            assert_eq!(body["volumeSource"]["persistentVolumeClaim"]["claimName"], "vd-data-pvc");
+            assert_eq!(body["volumeSource"]["persistentVolumeClaim"]["hotpluggable"], true);
+        }),
+        expect("PATCH", ATTACHMENT_STATUS_PATH, 200, answer)
+            .checking(|_, body| {
+                assert_eq!(body["status"]["phase"], "InProgress");
+                assert_eq!(body["status"]["virtualMachineName"], "web");
+            }),
+    ]);
+    let (outcome, ()) = tokio::join!(reconcile_attachment(Arc::new(attachment), context), serve(handle, exchanges));
+    assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_hot_plug_kubevirt_refuses_fails_the_attachment_with_its_message() {
+    use dvcr_controller::runtime::attachments::reconcile_attachment;
+    let setup = Setup::new();
+    let (context, handle) = setup.context();
+    let attachment = attachment_object(false);
+    let answer = serde_json::to_value(&attachment).unwrap();
+    let refusal = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "Unable to add volume because HotplugVolumes feature gate is not enabled.",
+        "reason": "BadRequest", "code": 400});
+    let mut exchanges = attachment_observation();
+    exchanges.extend([
+        expect("PUT", ADD_VOLUME_PATH, 400, refusal),
+        expect("PATCH", ATTACHMENT_STATUS_PATH, 200, answer)
+            .checking(|_, body| {
+                assert_eq!(body["status"]["phase"], "Failed");
+                let attached = body["status"]["conditions"]
+                    .as_array()
+                    .and_then(|conditions| conditions.iter().find(|condition| condition["type"] == "Attached"))
+                    .cloned()
+                    .unwrap_or_default();
+                assert_eq!(attached["reason"], "HotplugRefused");
+                let message = attached["message"].as_str().unwrap_or_default();
+                assert!(message.contains("HotplugVolumes feature gate is not enabled"), "{message}");
+            }),
+    ]);
+    let (outcome, ()) = tokio::join!(reconcile_attachment(Arc::new(attachment), context), serve(handle, exchanges));
+    assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_attachment_unplugs_its_volume_before_releasing_the_finalizer() {
+    use dvcr_controller::runtime::attachments::reconcile_attachment;
+    let setup = Setup::new();
+    let attachment = Arc::new(attachment_object(true));
+    let answer = serde_json::to_value(attachment.as_ref()).unwrap();
+    let instance_path = "/apis/kubevirt.io/v1/namespaces/vms/virtualmachineinstances/web";
+
+    let (context, handle) = setup.context();
+    let exchanges = vec![
+        expect("GET", instance_path, 200, running_instance(true)),
+        expect("PUT", REMOVE_VOLUME_PATH, 202, json!({}))
+            .checking(|_, body| assert_eq!(body, &json!({"name": "vd-data"}))),
+        expect("PATCH", ATTACHMENT_STATUS_PATH, 200, answer.clone())
+            .checking(|_, body| assert_eq!(body["status"]["phase"], "Terminating")),
+    ];
+    let (outcome, ()) = tokio::join!(reconcile_attachment(attachment.clone(), context), serve(handle, exchanges));
+    assert!(outcome.is_ok(), "{outcome:?}");
+
+    // Unplugged: the finalizer goes, and nothing more is written.
+    let (context, handle) = setup.context();
+    let exchanges = vec![
+        expect("GET", instance_path, 200, running_instance(false)),
+        expect("PATCH", format!("{GROUP_PATH}/namespaces/vms/virtualmachineblockdeviceattachments/hot"), 200, answer)
+            .checking(|_, body| {
+                assert_eq!(body["metadata"]["finalizers"], json!([]));
+                assert_eq!(body["metadata"]["resourceVersion"], "40");
+            }),
+    ];
+    let (outcome, ()) = tokio::join!(reconcile_attachment(attachment, context), serve(handle, exchanges));
+    assert!(outcome.is_ok(), "{outcome:?}");
 }

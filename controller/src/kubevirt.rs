@@ -26,6 +26,41 @@ pub fn spec_hash(spec: &Value) -> String {
     format!("{:016x}", fnv1a64(spec.to_string().as_bytes()))
 }
 
+/// Sets [`SPEC_HASH_ANNOTATION`] of a rendered machine to its spec's hash
+/// (after anything changed the spec).
+pub fn rehash(machine: &mut Value) {
+    let hash = spec_hash(&machine["spec"]);
+    machine["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = Value::from(hash);
+}
+
+/// Annotation of KubeVirt's machine template holding the template's hash.
+/// KubeVirt copies the template's annotations to every instance it starts,
+/// so an instance started from an older rendering shows it: a change that
+/// waits for a restart.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "virtualization.deckhouse.io/template-hash";
+
+/// Stamps a fully rendered machine's template with its hash
+/// ([`TEMPLATE_HASH_ANNOTATION`]), then rehashes the spec.
+pub fn stamp_template(machine: &mut Value) {
+    let template = &mut machine["spec"]["template"];
+    if let Some(annotations) = template["metadata"]["annotations"].as_object_mut() {
+        annotations.remove(TEMPLATE_HASH_ANNOTATION);
+    }
+    let hash = spec_hash(template);
+    template["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION] = Value::from(hash);
+    rehash(machine);
+}
+
+/// The template hash KubeVirt's `instance` was started from, if it has one
+/// (instances started before the controller stamped templates have none).
+pub fn template_hash(instance_or_machine: &Value) -> Option<&str> {
+    let annotations = match instance_or_machine["kind"].as_str() {
+        Some("VirtualMachine") => &instance_or_machine["spec"]["template"]["metadata"]["annotations"],
+        _ => &instance_or_machine["metadata"]["annotations"],
+    };
+    annotations[TEMPLATE_HASH_ANNOTATION].as_str()
+}
+
 /// A VirtualMachine the controller cannot hand to KubeVirt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MachineSpecError {
@@ -255,8 +290,7 @@ pub const IP_ADDRESS_ANNOTATION: &str = "cni.cilium.io/ipAddress";
 /// of its Pod template), updating the spec hash.
 pub fn assign_address(machine: &mut Value, address: &str) {
     machine["spec"]["template"]["metadata"]["annotations"] = json!({IP_ADDRESS_ANNOTATION: address});
-    let hash = spec_hash(&machine["spec"]);
-    machine["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = Value::from(hash);
+    rehash(machine);
 }
 
 /// What KubeVirt says about a machine: the phase, node and address to show.
@@ -341,6 +375,88 @@ pub fn operation_request(namespace: &str, name: &str, operation: OperationType, 
         path: format!("/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachines/{name}/{verb}"),
         body,
     }
+}
+
+/// The bus hot-plugged disks are attached on: KubeVirt hot-plugs onto
+/// SCSI (a virtio disk needs a free PCI slot, which a running machine may
+/// not have).
+pub const HOTPLUG_BUS: &str = "scsi";
+
+/// The KubeVirt request hot-plugging PVC `claim_name` as volume `volume`
+/// into the running instance of machine `machine`. The instance, not the
+/// machine, is changed: KubeVirt's machine stays as the controller renders
+/// it, and a new instance gets the disk again from its attachment.
+pub fn add_volume_request(namespace: &str, machine: &str, volume: &str, claim_name: &str) -> SubresourceRequest {
+    SubresourceRequest {
+        path: instance_subresource(namespace, machine, "addvolume"),
+        body: json!({
+            "name": volume,
+            "disk": {"name": volume, "disk": {"bus": HOTPLUG_BUS}},
+            "volumeSource": {"persistentVolumeClaim": {"claimName": claim_name, "hotpluggable": true}},
+        }),
+    }
+}
+
+/// The KubeVirt request unplugging volume `volume` from the running
+/// instance of machine `machine`.
+pub fn remove_volume_request(namespace: &str, machine: &str, volume: &str) -> SubresourceRequest {
+    SubresourceRequest {
+        path: instance_subresource(namespace, machine, "removevolume"),
+        body: json!({"name": volume}),
+    }
+}
+
+fn instance_subresource(namespace: &str, machine: &str, verb: &str) -> String {
+    format!("/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstances/{machine}/{verb}")
+}
+
+/// A hot-plugged volume as a KubeVirt instance shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HotplugState {
+    /// Not in the instance's `spec.volumes`.
+    Absent,
+    /// In its `spec.volumes`, not yet `Ready` in `status.volumeStatus`:
+    /// KubeVirt's phase and message so far.
+    Attaching {
+        /// `status.volumeStatus[].phase` (`Pending`, `Bound`,
+        /// `AttachedToNode`, `MountedToPod`, ...), if any yet.
+        phase: Option<String>,
+        /// Its `message` or `reason`.
+        message: Option<String>,
+    },
+    /// Attached: the guest sees it as `target` (`sda`, ...).
+    Ready {
+        /// `status.volumeStatus[].target`.
+        target: Option<String>,
+    },
+}
+
+/// What KubeVirt's `instance` shows of volume `volume`.
+pub fn hotplug_state(instance: &Value, volume: &str) -> HotplugState {
+    let named = |list: &Value| {
+        list.as_array()
+            .and_then(|entries| entries.iter().find(|entry| entry["name"] == volume))
+            .cloned()
+    };
+    if named(&instance["spec"]["volumes"]).is_none() {
+        return HotplugState::Absent;
+    }
+    let status = named(&instance["status"]["volumeStatus"]).unwrap_or_default();
+    let text = |value: &Value| value.as_str().filter(|text| !text.is_empty()).map(str::to_string);
+    match text(&status["phase"]) {
+        Some(phase) if phase == "Ready" => HotplugState::Ready {
+            target: text(&status["target"]),
+        },
+        phase => HotplugState::Attaching {
+            phase,
+            message: text(&status["message"]).or_else(|| text(&status["reason"])),
+        },
+    }
+}
+
+/// Whether KubeVirt's `instance` runs (phase `Running`, not being deleted).
+pub fn instance_running(instance: &Value) -> bool {
+    instance["status"]["phase"] == "Running" && instance["metadata"]["deletionTimestamp"].is_null()
 }
 
 #[cfg(test)]

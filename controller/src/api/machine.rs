@@ -449,6 +449,19 @@ pub struct ClassCpu {
     /// Required features (`type: Features`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
+    /// The nodes whose common CPU features make the model (`type:
+    /// Discovery`); every node when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<CpuDiscovery>,
+}
+
+/// Where a `Discovery` class looks for its CPU features.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CpuDiscovery {
+    /// The nodes to intersect; every node when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<ClassNodeSelector>,
 }
 
 /// How the CPU model of a class is chosen.
@@ -528,10 +541,27 @@ pub struct VirtualMachineClassStatus {
     /// `Pending`, `Ready`, `Terminating`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
-    /// Nodes machines of this class can run on.
+    /// Nodes machines of this class can run on: those its `nodeSelector`
+    /// selects whose `NoSchedule` and `NoExecute` taints it tolerates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub available_nodes: Vec<String>,
+    /// The CPU features of a `Discovery` class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_features: Option<ClassCpuFeatures>,
     /// `Discovered`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Conditions,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// CPU features a `Discovery` class found.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassCpuFeatures {
+    /// The features every discovery node has (KubeVirt's node labels
+    /// `cpu-feature.node.kubevirt.io/<feature>`), required of its machines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enabled: Vec<String>,
 }

@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use super::{Action, Plan, PROGRESS_INTERVAL, WAIT_INTERVAL};
 use crate::api::machine::{
-    BlockDeviceKind, MachinePhase, VirtualMachineClassSpec, VirtualMachineSpec, VirtualMachineStatus,
+    BlockDeviceKind, MachinePhase, RestartApprovalMode, VirtualMachineClassSpec, VirtualMachineSpec,
+    VirtualMachineStatus,
 };
 use crate::conditions::Setter;
 use crate::kubevirt::{self, power_action, PowerAction, ResolvedDevice};
@@ -98,6 +99,8 @@ pub enum ClassState {
         name: String,
         /// Its spec.
         spec: Box<VirtualMachineClassSpec>,
+        /// The CPU features a `Discovery` class found (`status.cpuFeatures`).
+        discovered: Option<Vec<String>>,
     },
 }
 
@@ -105,6 +108,11 @@ pub enum ClassState {
 pub const CLASS_READY: &str = "ClassReady";
 /// Condition: the machine's size is one its class allows.
 pub const SIZING_POLICY_MATCHED: &str = "SizingPolicyMatched";
+
+/// Condition: the running instance predates a change of the machine.
+pub const AWAITING_RESTART: &str = "AwaitingRestartToApplyConfiguration";
+/// Reason of [`AWAITING_RESTART`] once an automatic restart is sent.
+const RESTARTING: &str = "Restarting";
 
 /// Condition: the machine's address is leased.
 pub const IP_ADDRESS_READY: &str = "IPAddressReady";
@@ -203,7 +211,7 @@ pub fn reconcile(view: &MachineView<'_>, observed: &MachineObserved) -> Plan<Vir
             plan.requeue_after = Some(WAIT_INTERVAL);
             return plan;
         }
-        ClassState::Found { name, spec } => {
+        ClassState::Found { name, spec, discovered } => {
             conditions.set(
                 &mut plan.status.conditions,
                 CLASS_READY,
@@ -228,7 +236,7 @@ pub fn reconcile(view: &MachineView<'_>, observed: &MachineObserved) -> Plan<Vir
             }
             let matched = format!("the size is one VirtualMachineClass {name} allows");
             conditions.set(&mut plan.status.conditions, SIZING_POLICY_MATCHED, true, "SizingPolicyMatched", matched);
-            Some((name, spec))
+            Some((name, spec, discovered.as_deref()))
         }
     };
 
@@ -281,16 +289,20 @@ pub fn reconcile(view: &MachineView<'_>, observed: &MachineObserved) -> Plan<Vir
             return plan;
         }
     };
-    if let Some((name, class)) = class {
-        if let Err(error) = crate::class::apply_class(&mut desired, name, class) {
+    if let Some((name, class, discovered)) = class {
+        if let Err(error) = crate::class::apply_class(&mut desired, name, class, discovered) {
             plan.status.phase = Some(MachinePhase::Pending);
             conditions.set(&mut plan.status.conditions, CLASS_READY, false, "InvalidClass", error.to_string());
+            // Waits for the class to change (or to discover its features).
+            plan.requeue_after = Some(WAIT_INTERVAL);
             return plan;
         }
     }
     if let Some(address) = &address {
         kubevirt::assign_address(&mut desired, address);
     }
+    kubevirt::stamp_template(&mut desired);
+    let rendered = kubevirt::template_hash(&desired).unwrap_or_default().to_string();
     let applied_hash = observed
         .kubevirt_machine
         .as_ref()
@@ -320,21 +332,73 @@ pub fn reconcile(view: &MachineView<'_>, observed: &MachineObserved) -> Plan<Vir
         if running { "Running" } else { "NotRunning" },
         format!("KubeVirt reports {:?}", mirrored.phase),
     );
-    if observed.kubevirt_machine.is_some() {
-        if let Some(power) = power_action(view.spec.run_policy, mirrored.phase) {
-            plan.actions.push(Action::KubevirtSubresource(kubevirt::operation_request(
-                view.namespace,
-                view.name,
-                match power {
-                    PowerAction::Start => crate::api::machine::OperationType::Start,
-                    PowerAction::Stop => crate::api::machine::OperationType::Stop,
-                },
-                false,
-            )));
+    let power = observed
+        .kubevirt_machine
+        .as_ref()
+        .and_then(|_| power_action(view.spec.run_policy, mirrored.phase));
+    if let Some(power) = power {
+        plan.actions.push(Action::KubevirtSubresource(kubevirt::operation_request(
+            view.namespace,
+            view.name,
+            match power {
+                PowerAction::Start => crate::api::machine::OperationType::Start,
+                PowerAction::Stop => crate::api::machine::OperationType::Stop,
+            },
+            false,
+        )));
+    }
+    let started_from = observed
+        .instance
+        .as_ref()
+        .filter(|instance| kubevirt::instance_running(instance))
+        .and_then(kubevirt::template_hash);
+    match started_from {
+        Some(started_from) if started_from != rendered.as_str() => {
+            plan.status.restart_awaiting_changes = Some(true);
+            let automatic = view
+                .spec
+                .disruptions
+                .as_ref()
+                .is_some_and(|disruptions| disruptions.restart_approval_mode == RestartApprovalMode::Automatic);
+            if !automatic {
+                let message = "the machine runs as it was when it started: a change of its spec, class, disks or \
+                               address waits for a restart (a VirtualMachineOperation Restart), or for \
+                               disruptions.restartApprovalMode Automatic";
+                conditions.set(&mut plan.status.conditions, AWAITING_RESTART, true, "RestartRequired", message.into());
+            } else if !restart_under_way(&plan.status, observed.now)
+                && mirrored.phase == MachinePhase::Running
+                && power.is_none()
+            {
+                plan.actions.push(Action::KubevirtSubresource(kubevirt::operation_request(
+                    view.namespace,
+                    view.name,
+                    crate::api::machine::OperationType::Restart,
+                    false,
+                )));
+                // A new transition time: the restart is given its own time to show.
+                plan.status.conditions.retain(|condition| condition.type_ != AWAITING_RESTART);
+                let message = "restarting to apply a change (disruptions.restartApprovalMode Automatic)";
+                conditions.set(&mut plan.status.conditions, AWAITING_RESTART, true, RESTARTING, message.into());
+            }
+        }
+        _ => {
+            plan.status.restart_awaiting_changes = None;
+            plan.status.conditions.retain(|condition| condition.type_ != AWAITING_RESTART);
         }
     }
     plan.requeue_after = Some(if running { WAIT_INTERVAL } else { PROGRESS_INTERVAL });
     plan
+}
+
+/// Whether an automatic restart was sent less than
+/// [`super::operation::POWER_TIMEOUT`] ago (its instance may not have gone
+/// yet): it is not sent again before then.
+fn restart_under_way(status: &VirtualMachineStatus, now: Timestamp) -> bool {
+    crate::conditions::find(&status.conditions, AWAITING_RESTART).is_some_and(|condition| {
+        condition.reason == RESTARTING
+            && now.duration_since(condition.last_transition_time.0).unsigned_abs()
+                < super::operation::POWER_TIMEOUT
+    })
 }
 
 /// The machine's own VirtualMachineIPAddress: named after it, `Auto`,
@@ -622,6 +686,7 @@ mod tests {
         let class = |yaml: &str| ClassState::Found {
             name: "generic".into(),
             spec: Box::new(serde_norway::from_str(yaml).unwrap_or_else(|error| panic!("{error}"))),
+            discovered: None,
         };
         look.class = class("cpu: {type: Host}
 sizingPolicies: [{cores: {min: 2, max: 8}}]
@@ -651,6 +716,97 @@ sizingPolicies: [{cores: {min: 1, max: 8}}]
             condition(&plan.status, CLASS_READY).1,
             "VirtualMachineClass generic has cpu.type Model but no cpu.model"
         );
+
+        // A Discovery class: the machine waits for its features, then requires them.
+        look.class = class("cpu: {type: Discovery}\n");
+        let plan = reconcile(&view(&machine, &status), &look);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        assert!(condition(&plan.status, CLASS_READY).1.contains("has not found its nodes' common CPU features"));
+        assert_eq!(plan.requeue_after, Some(WAIT_INTERVAL), "it looks again for the class's discovery");
+        if let ClassState::Found { discovered, .. } = &mut look.class {
+            *discovered = Some(vec!["avx2".into()]);
+        }
+        let plan = reconcile(&view(&machine, &status), &look);
+        let [Action::ApplyKubevirtMachine(desired)] = plan.actions.as_slice() else {
+            panic!("{:?}", plan.actions);
+        };
+        let cpu = &desired["spec"]["template"]["spec"]["domain"]["cpu"];
+        assert_eq!(cpu["model"], crate::class::DISCOVERY_BASE_MODEL);
+        assert_eq!(cpu["features"], serde_json::json!([{"name": "avx2", "policy": "require"}]));
+    }
+
+    #[test]
+    fn a_change_the_running_instance_predates_waits_for_a_restart_or_restarts_it() {
+        use crate::api::machine::{Disruptions, OperationType};
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let mut machine = spec("Manual");
+        let status = VirtualMachineStatus::default();
+        let plan = reconcile(&view(&machine, &status), &observed(ready_devices(), None, None));
+        let [Action::ApplyKubevirtMachine(first)] = plan.actions.as_slice() else {
+            panic!("{:?}", plan.actions);
+        };
+        let started_from = kubevirt::template_hash(first).unwrap_or_default().to_string();
+        assert_eq!(started_from.len(), 16, "the template carries its hash");
+        let mut applied = first.as_ref().clone();
+        applied["status"] = json!({"printableStatus": "Running"});
+        let instance = |hash: Option<&str>| {
+            let annotations = hash.map_or(json!({}), |hash| json!({kubevirt::TEMPLATE_HASH_ANNOTATION: hash}));
+            json!({"kind": "VirtualMachineInstance", "metadata": {"annotations": annotations},
+                "status": {"phase": "Running"}})
+        };
+        let mut look = observed(ready_devices(), Some(applied.clone()), Some(instance(Some(&started_from))));
+        let plan = reconcile(&view(&machine, &status), &look);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        assert_eq!(plan.status.restart_awaiting_changes, None);
+
+        // More memory: applied to KubeVirt's machine; the instance keeps the old size until a restart.
+        machine.memory.size = Quantity("2Gi".into());
+        let plan = reconcile(&view(&machine, &status), &look);
+        let [Action::ApplyKubevirtMachine(changed)] = plan.actions.as_slice() else {
+            panic!("{:?}", plan.actions);
+        };
+        assert_ne!(kubevirt::template_hash(changed), Some(started_from.as_str()));
+        assert_eq!(plan.status.restart_awaiting_changes, Some(true));
+        let (holds, message) = condition(&plan.status, AWAITING_RESTART);
+        assert_eq!(holds, "True");
+        assert!(message.contains("waits for a restart"), "{message}");
+
+        // Automatic: restarted once, after the apply.
+        machine.disruptions = Some(Disruptions {
+            restart_approval_mode: RestartApprovalMode::Automatic,
+        });
+        let plan = reconcile(&view(&machine, &status), &look);
+        let restart = kubevirt::operation_request("vms", "web", OperationType::Restart, false);
+        assert!(matches!(plan.actions.first(), Some(Action::ApplyKubevirtMachine(_))), "{:?}", plan.actions);
+        assert_eq!(plan.actions.get(1), Some(&Action::KubevirtSubresource(restart.clone())));
+        assert_eq!(plan.actions.len(), 2);
+        let restarting = plan.status;
+        look.kubevirt_machine = Some({
+            let mut now_applied = changed.as_ref().clone();
+            now_applied["status"] = json!({"printableStatus": "Running"});
+            now_applied
+        });
+        let plan = reconcile(&view(&machine, &restarting), &look);
+        assert!(plan.actions.is_empty(), "the restart is not sent twice: {:?}", plan.actions);
+        assert_eq!(plan.status.restart_awaiting_changes, Some(true));
+        look.now = Timestamp::UNIX_EPOCH + std::time::Duration::from_secs(601);
+        let plan = reconcile(&view(&machine, &restarting), &look);
+        assert_eq!(plan.actions, vec![Action::KubevirtSubresource(restart)], "sent again once the first timed out");
+        look.now = Timestamp::UNIX_EPOCH;
+
+        // The new instance runs the new template: nothing waits.
+        look.instance = Some(instance(kubevirt::template_hash(changed)));
+        let plan = reconcile(&view(&machine, &restarting), &look);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        assert_eq!(plan.status.restart_awaiting_changes, None);
+        assert!(conditions::find(&plan.status.conditions, AWAITING_RESTART).is_none());
+
+        // An instance started before templates were stamped is never restarted for it.
+        look.instance = Some(instance(None));
+        machine.memory.size = Quantity("4Gi".into());
+        let plan = reconcile(&view(&machine, &status), &look);
+        assert!(matches!(plan.actions.as_slice(), [Action::ApplyKubevirtMachine(_)]), "{:?}", plan.actions);
+        assert_eq!(plan.status.restart_awaiting_changes, None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! fails it stops there and does not write the status.
 
 pub mod address;
+pub mod attachment;
 pub mod disk;
 pub mod image;
 pub mod import_worker;

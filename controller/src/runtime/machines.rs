@@ -109,23 +109,7 @@ async fn observe(context: &Context, view: &MachineView<'_>) -> Result<MachineObs
                     }),
                 }
             }
-            BlockDeviceKind::VirtualDisk => Api::<VirtualDisk>::namespaced(client.clone(), namespace)
-                .get_opt(name)
-                .await
-                .map_err(Error::kube(format!("reading VirtualDisk {namespace}/{name}")))?
-                .map_or(DeviceState::Missing, |disk| {
-                    let status = disk.status.unwrap_or_default();
-                    let claim = status.target.and_then(|target| target.persistent_volume_claim_name);
-                    // A disk waiting for its first consumer is usable: the machine is that consumer.
-                    let usable = matches!(
-                        status.phase,
-                        Some(DiskPhase::Ready | DiskPhase::Resizing | DiskPhase::WaitForFirstConsumer)
-                    );
-                    match (usable, claim) {
-                        (true, Some(claim)) => DeviceState::Ready(ResolvedDevice::Disk { claim_name: claim }),
-                        _ => DeviceState::NotReady(status.phase.map(|phase| format!("{phase:?}"))),
-                    }
-                }),
+            BlockDeviceKind::VirtualDisk => observe_disk(context, namespace, name).await?,
         };
         devices.push(state);
     }
@@ -146,6 +130,7 @@ async fn observe(context: &Context, view: &MachineView<'_>) -> Result<MachineObs
                 |class| ClassState::Found {
                     name: name.clone(),
                     spec: Box::new(class.spec),
+                    discovered: class.status.and_then(|status| status.cpu_features).map(|features| features.enabled),
                 },
             ),
     };
@@ -157,6 +142,27 @@ async fn observe(context: &Context, view: &MachineView<'_>) -> Result<MachineObs
         instance,
         now: k8s_openapi::jiff::Timestamp::now(),
     })
+}
+
+/// VirtualDisk `name`: Ready with its PVC when a machine can use it (also
+/// while it waits for its first consumer, which the machine is, or grows).
+pub async fn observe_disk(context: &Context, namespace: &str, name: &str) -> Result<DeviceState, Error> {
+    let disk = Api::<VirtualDisk>::namespaced(context.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("reading VirtualDisk {namespace}/{name}")))?;
+    Ok(disk.map_or(DeviceState::Missing, |disk| {
+        let status = disk.status.unwrap_or_default();
+        let claim = status.target.and_then(|target| target.persistent_volume_claim_name);
+        let usable = matches!(
+            status.phase,
+            Some(DiskPhase::Ready | DiskPhase::Resizing | DiskPhase::WaitForFirstConsumer)
+        );
+        match (usable, claim) {
+            (true, Some(claim)) => DeviceState::Ready(ResolvedDevice::Disk { claim_name: claim }),
+            _ => DeviceState::NotReady(status.phase.map(|phase| format!("{phase:?}"))),
+        }
+    }))
 }
 
 /// The machine's VirtualMachineIPAddress: the one its spec names, else its

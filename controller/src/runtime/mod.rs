@@ -4,6 +4,8 @@
 //! the status.
 
 pub mod addresses;
+pub mod attachments;
+pub mod classes;
 pub mod disks;
 pub mod execute;
 pub mod images;
@@ -19,9 +21,9 @@ use dvcr_importer::reference::ImageReference;
 use dvcr_importer::registry_client::{ClientOptions, RegistryClient};
 use dvcr_registry::auth::token::{AccessEntry, TokenIssuer};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::{predicates, watcher, Controller, WatchStreamExt};
 use kube::api::DynamicObject;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Api, Client, Resource};
@@ -30,8 +32,8 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
 use crate::api::{
-    ClusterVirtualImage, VirtualDisk, VirtualImage, VirtualMachine, VirtualMachineIPAddress,
-    VirtualMachineIPAddressLease, VirtualMachineOperation,
+    ClusterVirtualImage, VirtualDisk, VirtualImage, VirtualMachine, VirtualMachineBlockDeviceAttachment,
+    VirtualMachineClass, VirtualMachineIPAddress, VirtualMachineIPAddressLease, VirtualMachineOperation,
 };
 use crate::ipam::AddressPool;
 use crate::workload::{WorkerConfig, MANAGED_BY, MANAGED_BY_LABEL};
@@ -307,15 +309,21 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     (crate::api::common::GROUP, "virtualmachines", &["get", "list", "watch"]),
     (crate::api::common::GROUP, "virtualmachines/status", &["patch"]),
     ("kubevirt.io", "virtualmachines", &["get", "list", "watch", "create", "patch"]),
-    ("kubevirt.io", "virtualmachineinstances", &["get"]),
+    ("kubevirt.io", "virtualmachineinstances", &["get", "list", "watch"]),
     (crate::api::common::GROUP, "virtualmachineoperations", &["get", "list", "watch"]),
     (crate::api::common::GROUP, "virtualmachineoperations/status", &["patch"]),
     ("subresources.kubevirt.io", "virtualmachines/start", &["update"]),
     ("subresources.kubevirt.io", "virtualmachines/stop", &["update"]),
     ("subresources.kubevirt.io", "virtualmachines/restart", &["update"]),
     ("subresources.kubevirt.io", "virtualmachines/migrate", &["update"]),
+    ("subresources.kubevirt.io", "virtualmachineinstances/addvolume", &["update"]),
+    ("subresources.kubevirt.io", "virtualmachineinstances/removevolume", &["update"]),
+    (crate::api::common::GROUP, "virtualmachineblockdeviceattachments", &["get", "list", "watch", "patch"]),
+    (crate::api::common::GROUP, "virtualmachineblockdeviceattachments/status", &["patch"]),
     ("storage.k8s.io", "storageclasses", &["get"]),
-    (crate::api::common::GROUP, "virtualmachineclasses", &["get"]),
+    (crate::api::common::GROUP, "virtualmachineclasses", &["get", "list", "watch"]),
+    (crate::api::common::GROUP, "virtualmachineclasses/status", &["patch"]),
+    ("", "nodes", &["list", "watch"]),
     (crate::api::common::GROUP, "virtualmachineipaddresses", &["get", "list", "watch", "create", "patch"]),
     (crate::api::common::GROUP, "virtualmachineipaddresses/status", &["patch"]),
     (
@@ -437,13 +445,61 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
         .run(
             |object, context| reported(object, context, operations::reconcile_operation),
             images::error_policy,
-            context,
+            context.clone(),
         )
         .for_each(|result| log_outcome("VirtualMachineOperation", result));
+    // Every class looks again when a node's labels change (KubeVirt's node
+    // labeller marks CPU features there); taints are read every few minutes.
+    let node_labels = watcher::watcher(Api::<Node>::all(context.client.clone()), watcher::Config::default())
+        .touched_objects()
+        .predicate_filter(predicates::labels, Default::default())
+        .map(|_| ());
+    let classes = Controller::new(Api::<VirtualMachineClass>::all(context.client.clone()), Default::default())
+        .reconcile_all_on(node_labels)
+        .shutdown_on_signal()
+        .run(
+            |object, context| reported(object, context, classes::reconcile_class),
+            images::error_policy,
+            context.clone(),
+        )
+        .for_each(|result| log_outcome("VirtualMachineClass", result));
+    // An attachment looks again when its machine's instance changes (it
+    // started or restarted, or KubeVirt moved the hot-plug on).
+    let attachment_controller = Controller::new(
+        Api::<VirtualMachineBlockDeviceAttachment>::all(context.client.clone()),
+        Default::default(),
+    );
+    let attachment_store = attachment_controller.store();
+    let instances = machines::kubevirt_instances();
+    let attachments = attachment_controller
+        .watches_with(
+            Api::<DynamicObject>::all_with(context.client.clone(), &instances),
+            instances,
+            watcher::Config::default(),
+            move |instance| attachments::attachments_of_instance(&attachment_store, &instance),
+        )
+        .shutdown_on_signal()
+        .run(
+            |object, context| reported(object, context, attachments::reconcile_attachment),
+            images::error_policy,
+            context.clone(),
+        )
+        .for_each(|result| log_outcome("VirtualMachineBlockDeviceAttachment", result));
     tracing::info!(
         "controller running: VirtualImage, ClusterVirtualImage, VirtualDisk, VirtualMachine, \
-         VirtualMachineIPAddress, VirtualMachineIPAddressLease, VirtualMachineOperation"
+         VirtualMachineBlockDeviceAttachment, VirtualMachineClass, VirtualMachineIPAddress, \
+         VirtualMachineIPAddressLease, VirtualMachineOperation"
     );
-    futures::join!(virtual_images, cluster_images, disks, machines, ip_addresses, leases, operations);
+    futures::join!(
+        virtual_images,
+        cluster_images,
+        disks,
+        machines,
+        attachments,
+        classes,
+        ip_addresses,
+        leases,
+        operations
+    );
     Ok(())
 }
