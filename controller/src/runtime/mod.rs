@@ -13,6 +13,7 @@ pub mod leader;
 pub mod machines;
 pub mod observe;
 pub mod operations;
+pub mod referrers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,7 @@ use crate::api::{
     VirtualMachineClass, VirtualMachineIPAddress, VirtualMachineIPAddressLease, VirtualMachineOperation,
 };
 use crate::ipam::AddressPool;
+use referrers::Target;
 use crate::workload::{WorkerConfig, MANAGED_BY, MANAGED_BY_LABEL};
 
 /// Issuer and audience of registry tokens (reference, section 6).
@@ -380,8 +382,25 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
     let context = Arc::new(Context::new(client.clone(), settings, lease_controller.store())?);
     let workers = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let disk_claims = workers.clone();
-    let virtual_images = Controller::new(Api::<VirtualImage>::all(client.clone()), watcher::Config::default())
+    // Resources made from or booting from others are woken when those become
+    // usable (`referrers`), instead of waiting for their next periodic look.
+    let image_controller = Controller::new(Api::<VirtualImage>::all(client.clone()), watcher::Config::default());
+    let cluster_image_controller =
+        Controller::new(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default());
+    let disk_controller = Controller::new(Api::<VirtualDisk>::all(client.clone()), watcher::Config::default());
+    let machine_controller = Controller::new(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default());
+    let (image_store, cluster_image_store) = (image_controller.store(), cluster_image_controller.store());
+    let (disk_store, machine_store) = (disk_controller.store(), machine_controller.store());
+    let virtual_images = image_controller
         .owns(Api::<Pod>::all(client.clone()), workers.clone())
+        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), {
+            let store = image_store.clone();
+            move |image| referrers::images_waiting_on(&store, Target::ready_image(&image))
+        })
+        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), {
+            let store = image_store;
+            move |image| referrers::images_waiting_on(&store, Target::ready_cluster_image(&image))
+        })
         .shutdown_on_signal()
         .run(
             |object, context| reported(object, context, images::reconcile_virtual_image),
@@ -389,8 +408,16 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
             context.clone(),
         )
         .for_each(|result| log_outcome("VirtualImage", result));
-    let cluster_images = Controller::new(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default())
+    let cluster_images = cluster_image_controller
         .owns(Api::<Pod>::all(client.clone()), workers.clone())
+        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), {
+            let store = cluster_image_store.clone();
+            move |image| referrers::cluster_images_waiting_on(&store, Target::ready_image(&image))
+        })
+        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), {
+            let store = cluster_image_store;
+            move |image| referrers::cluster_images_waiting_on(&store, Target::ready_cluster_image(&image))
+        })
         .shutdown_on_signal()
         .run(
             |object, context| reported(object, context, images::reconcile_cluster_virtual_image),
@@ -398,9 +425,17 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
             context.clone(),
         )
         .for_each(|result| log_outcome("ClusterVirtualImage", result));
-    let disks = Controller::new(Api::<VirtualDisk>::all(client.clone()), watcher::Config::default())
+    let disks = disk_controller
         .owns(Api::<Pod>::all(client.clone()), workers)
         .owns(Api::<PersistentVolumeClaim>::all(client.clone()), disk_claims)
+        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), {
+            let store = disk_store.clone();
+            move |image| referrers::disks_waiting_on(&store, Target::ready_image(&image))
+        })
+        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), {
+            let store = disk_store;
+            move |image| referrers::disks_waiting_on(&store, Target::ready_cluster_image(&image))
+        })
         .shutdown_on_signal()
         .run(
             |object, context| reported(object, context, disks::reconcile_virtual_disk),
@@ -409,7 +444,19 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
         )
         .for_each(|result| log_outcome("VirtualDisk", result));
     let kubevirt = machines::kubevirt_machines();
-    let machines = Controller::new(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default())
+    let machines = machine_controller
+        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), {
+            let store = machine_store.clone();
+            move |image| referrers::machines_waiting_on(&store, Target::ready_image(&image))
+        })
+        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), {
+            let store = machine_store.clone();
+            move |image| referrers::machines_waiting_on(&store, Target::ready_cluster_image(&image))
+        })
+        .watches(Api::<VirtualDisk>::all(client.clone()), watcher::Config::default(), {
+            let store = machine_store;
+            move |disk| referrers::machines_waiting_on(&store, Target::usable_disk(&disk))
+        })
         .owns_with(Api::<DynamicObject>::all_with(client.clone(), &kubevirt), kubevirt, watcher::Config::default())
         .watches(
             Api::<VirtualMachineIPAddress>::all(client.clone()),
