@@ -88,6 +88,8 @@ fn qcow2_variants_agree_with_qemu_img() {
         ("zlib.qcow2", &["-c", "-o", "compression_type=zlib"]),
         ("zstd.qcow2", &["-c", "-o", "compression_type=zstd"]),
         ("zlib-v2.qcow2", &["-c", "-o", "compat=0.10"]),
+        ("zlib-c512.qcow2", &["-c", "-o", "compression_type=zlib,cluster_size=512"]),
+        ("zlib-c2m.qcow2", &["-c", "-o", "compression_type=zlib,cluster_size=2M"]),
         ("zstd-c512.qcow2", &["-c", "-o", "compression_type=zstd,cluster_size=512"]),
         ("extl2.qcow2", &["-o", "extended_l2=on,cluster_size=128k"]),
         ("extl2-2m.qcow2", &["-o", "extended_l2=on,cluster_size=2M"]),
