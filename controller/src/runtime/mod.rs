@@ -376,6 +376,26 @@ async fn stop_signal() {
     }
 }
 
+/// `controller` also woken when a VirtualImage or ClusterVirtualImage turns
+/// Ready, for the objects of its cache that `waiting` finds waiting on it.
+fn woken_by_images<K>(
+    controller: Controller<K>,
+    client: &Client,
+    waiting: fn(&Store<K>, Option<Target>) -> Vec<ObjectRef<K>>,
+) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (for_images, for_cluster_images) = (controller.store(), controller.store());
+    controller
+        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), move |image| {
+            waiting(&for_images, Target::ready_image(&image))
+        })
+        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), move |image| {
+            waiting(&for_cluster_images, Target::ready_cluster_image(&image))
+        })
+}
+
 async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error> {
     let lease_controller =
         Controller::new(Api::<VirtualMachineIPAddressLease>::all(client.clone()), watcher::Config::default());
@@ -384,23 +404,29 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
     let disk_claims = workers.clone();
     // Resources made from or booting from others are woken when those become
     // usable (`referrers`), instead of waiting for their next periodic look.
-    let image_controller = Controller::new(Api::<VirtualImage>::all(client.clone()), watcher::Config::default());
-    let cluster_image_controller =
-        Controller::new(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default());
-    let disk_controller = Controller::new(Api::<VirtualDisk>::all(client.clone()), watcher::Config::default());
-    let machine_controller = Controller::new(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default());
-    let (image_store, cluster_image_store) = (image_controller.store(), cluster_image_controller.store());
-    let (disk_store, machine_store) = (disk_controller.store(), machine_controller.store());
+    let image_controller = woken_by_images(
+        Controller::new(Api::<VirtualImage>::all(client.clone()), watcher::Config::default()),
+        &client,
+        referrers::images_waiting_on,
+    );
+    let cluster_image_controller = woken_by_images(
+        Controller::new(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default()),
+        &client,
+        referrers::cluster_images_waiting_on,
+    );
+    let disk_controller = woken_by_images(
+        Controller::new(Api::<VirtualDisk>::all(client.clone()), watcher::Config::default()),
+        &client,
+        referrers::disks_waiting_on,
+    );
+    let machine_controller = woken_by_images(
+        Controller::new(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default()),
+        &client,
+        referrers::machines_waiting_on,
+    );
+    let machine_store = machine_controller.store();
     let virtual_images = image_controller
         .owns(Api::<Pod>::all(client.clone()), workers.clone())
-        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), {
-            let store = image_store.clone();
-            move |image| referrers::images_waiting_on(&store, Target::ready_image(&image))
-        })
-        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), {
-            let store = image_store;
-            move |image| referrers::images_waiting_on(&store, Target::ready_cluster_image(&image))
-        })
         .shutdown_on_signal()
         .run(
             |object, context| reported(object, context, images::reconcile_virtual_image),
@@ -410,14 +436,6 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
         .for_each(|result| log_outcome("VirtualImage", result));
     let cluster_images = cluster_image_controller
         .owns(Api::<Pod>::all(client.clone()), workers.clone())
-        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), {
-            let store = cluster_image_store.clone();
-            move |image| referrers::cluster_images_waiting_on(&store, Target::ready_image(&image))
-        })
-        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), {
-            let store = cluster_image_store;
-            move |image| referrers::cluster_images_waiting_on(&store, Target::ready_cluster_image(&image))
-        })
         .shutdown_on_signal()
         .run(
             |object, context| reported(object, context, images::reconcile_cluster_virtual_image),
@@ -428,14 +446,6 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
     let disks = disk_controller
         .owns(Api::<Pod>::all(client.clone()), workers)
         .owns(Api::<PersistentVolumeClaim>::all(client.clone()), disk_claims)
-        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), {
-            let store = disk_store.clone();
-            move |image| referrers::disks_waiting_on(&store, Target::ready_image(&image))
-        })
-        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), {
-            let store = disk_store;
-            move |image| referrers::disks_waiting_on(&store, Target::ready_cluster_image(&image))
-        })
         .shutdown_on_signal()
         .run(
             |object, context| reported(object, context, disks::reconcile_virtual_disk),
@@ -445,17 +455,8 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
         .for_each(|result| log_outcome("VirtualDisk", result));
     let kubevirt = machines::kubevirt_machines();
     let machines = machine_controller
-        .watches(Api::<VirtualImage>::all(client.clone()), watcher::Config::default(), {
-            let store = machine_store.clone();
-            move |image| referrers::machines_waiting_on(&store, Target::ready_image(&image))
-        })
-        .watches(Api::<ClusterVirtualImage>::all(client.clone()), watcher::Config::default(), {
-            let store = machine_store.clone();
-            move |image| referrers::machines_waiting_on(&store, Target::ready_cluster_image(&image))
-        })
-        .watches(Api::<VirtualDisk>::all(client.clone()), watcher::Config::default(), {
-            let store = machine_store;
-            move |disk| referrers::machines_waiting_on(&store, Target::usable_disk(&disk))
+        .watches(Api::<VirtualDisk>::all(client.clone()), watcher::Config::default(), move |disk| {
+            referrers::machines_waiting_on(&machine_store, Target::usable_disk(&disk))
         })
         .owns_with(Api::<DynamicObject>::all_with(client.clone(), &kubevirt), kubevirt, watcher::Config::default())
         .watches(
