@@ -231,6 +231,13 @@ fn hostile_vmdk_vhd_vdi_and_vhdx_images_are_refused_with_their_reason() {
     let stream = make_other_format(&raw, directory.path(), "stream.vmdk", "vmdk", &["-o", "subformat=streamOptimized"]);
     patch(&stream, &at("no-footer.vmdk"), 56, &u64::MAX.to_le_bytes());
     refused_conversion(&at("no-footer.vmdk"), "does not end with a footer");
+    // A streamOptimized VMDK whose first grain (the first marker after the
+    // header's overhead) holds damaged zlib data.
+    let content = std::fs::read(&stream).unwrap();
+    let first_marker = u64::from_le_bytes(content[64..72].try_into().unwrap()) as usize * 512;
+    assert_ne!(content[first_marker + 8..first_marker + 12], [0; 4], "the first marker is a grain's");
+    patch(&stream, &at("bad-grain.vmdk"), first_marker + 12, &[0xff; 16]);
+    refused_conversion(&at("bad-grain.vmdk"), "is corrupt: it is not valid zlib data");
     // A grain directory far past the end.
     let monolithic = make_other_format(&raw, directory.path(), "monolithic.vmdk", "vmdk", &[]);
     patch(&monolithic, &at("gd-past-end.vmdk"), 56, &(1u64 << 40).to_le_bytes());

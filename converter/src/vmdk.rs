@@ -300,13 +300,22 @@ impl MappedImage for VmdkImage<'_> {
         };
         scratch.resize(data_length as usize, 0);
         self.source.read_exact_at(scratch, data_offset).map_err(ConverterError::Read)?;
-        let mut inflater = flate2::Decompress::new(true);
-        inflater
-            .decompress(scratch, output, flate2::FlushDecompress::Finish)
-            .map_err(|error| corrupt(error.to_string()))?;
+        // A grain is one zlib stream of known size: inflated whole by
+        // libdeflate, as qcow2 clusters are (what follows the stream, when
+        // there are no markers, is not read).
+        let inflated = libdeflater::Decompressor::new()
+            .zlib_decompress(scratch, output)
+            .map_err(|error| match error {
+                libdeflater::DecompressionError::InsufficientSpace => {
+                    corrupt(format!("it inflates to more than a grain ({} bytes)", output.len()))
+                }
+                libdeflater::DecompressionError::BadData => {
+                    corrupt("it is not valid zlib data (or its checksum does not match)".into())
+                }
+            })?;
         let needed = self.grain_size.min(self.virtual_size - guest_offset);
-        if inflater.total_out() < needed {
-            return Err(corrupt(format!("it inflated to {} bytes instead of {needed}", inflater.total_out())));
+        if (inflated as u64) < needed {
+            return Err(corrupt(format!("it inflated to {inflated} bytes instead of {needed}")));
         }
         Ok(())
     }
