@@ -77,6 +77,14 @@ enum TargetFormat {
     Qcow2,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SourceFormat {
+    /// Detected from the content.
+    Auto,
+    /// Raw bytes, never probed: for a disk whose guest may have written an image header at its start.
+    Raw,
+}
+
 #[derive(clap::Args)]
 struct ConvertArgs {
     /// The source image: a file, `-` (standard input), an http(s):// URL read with Range requests, or docker://HOST/REPOSITORY:TAG (the disk inside an image in a registry, read in place).
@@ -86,6 +94,12 @@ struct ConvertArgs {
     /// Output format.
     #[arg(short = 'O', long = "output-format", value_enum, default_value_t = TargetFormat::Raw)]
     output_format: TargetFormat,
+    /// Source format: detected, or raw (copied as it is, never probed).
+    #[arg(short = 'f', long = "source-format", value_enum, default_value_t = SourceFormat::Auto)]
+    source_format: SourceFormat,
+    /// Read only the first BYTES of the source (a disk image on a block device larger than the image).
+    #[arg(long, value_name = "BYTES")]
+    source_length: Option<u64>,
     /// Refuse images whose virtual size is larger (bytes).
     #[arg(long, default_value_t = dvcr_converter::DEFAULT_MAX_VIRTUAL_SIZE)]
     max_virtual_size: u64,
@@ -98,8 +112,8 @@ struct ConvertArgs {
     /// Speak plain HTTP to a docker:// source's registry (loopback registries do unless --ca-bundle is given).
     #[arg(long)]
     plain_http: bool,
-    /// Serve the progress of an http(s):// or docker:// source's conversion at http://ADDR/metrics, as the importer
-    /// does (`registry_progress`, `registry_average_speed`, `registry_current_speed`: bytes read of the source).
+    /// Serve the progress of the conversion at http://ADDR/metrics, as the importer does (`registry_progress`,
+    /// `registry_average_speed`, `registry_current_speed`: bytes read of the source); not for standard input.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// Label value of the progress gauges (the owning resource's UID).
@@ -135,34 +149,75 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         TargetFormat::Raw => dvcr_converter::OutputFormat::Raw,
         TargetFormat::Qcow2 => dvcr_converter::OutputFormat::Qcow2,
     };
-    let source_text = args.source.to_string_lossy();
+    let source_text = args.source.to_string_lossy().into_owned();
     let access = transfer::RemoteAccess {
         ca_bundle: args.ca_bundle.as_deref(),
         registry_token_file: args.registry_token_file.as_deref(),
         plain_http: args.plain_http,
     };
-    if let Some(remote) = transfer::remote_source(&source_text, &access)? {
-        if output_format != dvcr_converter::OutputFormat::Raw {
-            anyhow::bail!("qcow2 output is written from local raw files; {source_text} can be converted to raw");
+    let remote = transfer::remote_source(&source_text, &access)?;
+    let read_at_only = args.metrics_listen.is_some()
+        || args.source_format == SourceFormat::Raw
+        || args.source_length.is_some();
+    if remote.is_none() && !read_at_only {
+        return dvcr_converter::convert::convert_file(
+            &args.source,
+            &args.destination,
+            output_format,
+            args.max_virtual_size,
+        )
+        .with_context(|| format!("cannot convert {}", args.source.display()));
+    }
+    if output_format != dvcr_converter::OutputFormat::Raw {
+        anyhow::bail!(
+            "qcow2 output is written from a local raw file without --source-format, --source-length or \
+             --metrics-listen; {source_text} can be converted to raw"
+        );
+    }
+    let source: Box<dyn dvcr_converter::source::ReadAt> = match remote {
+        Some(remote) => remote,
+        None => {
+            if source_text == "-" {
+                anyhow::bail!(
+                    "--source-format raw, --source-length and --metrics-listen need a source read at offsets: \
+                     a file, a block device, an http(s):// URL or docker://; not standard input"
+                );
+            }
+            dvcr_converter::convert::refuse_same_file(&args.source, &args.destination)?;
+            let file = std::fs::File::open(&args.source)
+                .with_context(|| format!("cannot open the source {source_text}"))?;
+            Box::new(
+                dvcr_converter::source::FileSource::new(file)
+                    .with_context(|| format!("cannot read the size of {source_text}"))?,
+            )
         }
-        let progress = Arc::new(dvcr_importer::progress::Progress::default());
-        progress.set_total(Some(remote.size()));
-        // Kept alive until the conversion ends: it serves the gauges.
-        let _metrics = match args.metrics_listen {
-            Some(address) => Some(transfer::metrics_runtime(address, progress.clone(), args.owner_uid.clone())?),
-            None => None,
-        };
-        let counted = transfer::CountedSource::new(remote, progress.clone());
-        dvcr_converter::convert::convert_read_at(&counted, &args.destination, args.max_virtual_size)
-            .with_context(|| format!("cannot convert {source_text}"))?;
-        progress.finish();
-        return Ok(());
-    }
-    if args.metrics_listen.is_some() {
-        anyhow::bail!("--metrics-listen reports the conversion of an http(s):// or docker:// source only");
-    }
-    dvcr_converter::convert::convert_file(&args.source, &args.destination, output_format, args.max_virtual_size)
-        .with_context(|| format!("cannot convert {}", args.source.display()))
+    };
+    let source: Box<dyn dvcr_converter::source::ReadAt> = match args.source_length {
+        None => source,
+        Some(length) => {
+            let size = source.size();
+            Box::new(dvcr_converter::source::SubRange::new(source, 0, length).with_context(|| {
+                format!("--source-length {length} is longer than the source {source_text} ({size} bytes)")
+            })?)
+        }
+    };
+    let progress = Arc::new(dvcr_importer::progress::Progress::default());
+    progress.set_total(Some(source.size()));
+    // Kept alive until the conversion ends: it serves the gauges.
+    let _metrics = match args.metrics_listen {
+        Some(address) => Some(transfer::metrics_runtime(address, progress.clone(), args.owner_uid.clone())?),
+        None => None,
+    };
+    let counted = transfer::CountedSource::new(source, progress.clone());
+    let converted = match args.source_format {
+        SourceFormat::Raw => dvcr_converter::convert::copy_raw_read_at(&counted, &args.destination),
+        SourceFormat::Auto => {
+            dvcr_converter::convert::convert_read_at(&counted, &args.destination, args.max_virtual_size)
+        }
+    };
+    converted.with_context(|| format!("cannot convert {source_text}"))?;
+    progress.finish();
+    Ok(())
 }
 
 #[derive(clap::Args)]

@@ -495,6 +495,61 @@ fn standard_input_is_a_source() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("the source is standard input"));
 }
 
+/// A disk that a provisioner wrote is raw, whatever its guest put at its
+/// start: `--source-format raw` copies it as it is (here a disk whose first
+/// bytes are a whole qcow2 image, which detection would convert), and
+/// `--source-length` reads only the image's length of a larger device.
+#[test]
+fn raw_sources_are_copied_unprobed_and_cut_to_their_length() {
+    let directory = tempfile::tempdir().unwrap();
+    let raw = make_raw(directory.path());
+    let qcow2 = directory.path().join("guest-wrote-this.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", &raw.display().to_string(), &qcow2.display().to_string()]);
+    let convert = |extra: &[&str], destination: &Path| {
+        Command::new(DVCR).args(["convert"]).arg(&qcow2).arg(destination).args(extra).output().unwrap()
+    };
+
+    let probed = directory.path().join("probed.raw");
+    let output = convert(&[], &probed);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    run(Command::new(require_tool("cmp")).arg(&raw).arg(&probed));
+
+    let copied = directory.path().join("copied.raw");
+    let output = convert(&["-f", "raw"], &copied);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    run(Command::new(require_tool("cmp")).arg(&qcow2).arg(&copied));
+
+    let length = std::fs::metadata(&qcow2).unwrap().len();
+    let device = directory.path().join("device.raw");
+    std::fs::copy(&qcow2, &device).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&device).unwrap().set_len(length + (8 << 20)).unwrap();
+    let cut = directory.path().join("cut.raw");
+    let output = Command::new(DVCR)
+        .args(["convert", "--source-format", "raw", "--source-length", &length.to_string()])
+        .arg(&device)
+        .arg(&cut)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    run(Command::new(require_tool("cmp")).arg(&qcow2).arg(&cut));
+
+    let too_long = directory.path().join("too-long.raw");
+    let output = convert(&["-f", "raw", "--source-length", &(length + 1).to_string()], &too_long);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("--source-length {} is longer than the source", length + 1)), "{stderr}");
+    assert!(!too_long.exists());
+
+    let output = convert_from_stdin(&raw, &directory.path().join("stdin.raw"), &["-f", "raw"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not standard input"));
+    let output = convert(&["-f", "raw", "-O", "qcow2"], &directory.path().join("out.qcow2"));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("qcow2 output is written from a local raw file"));
+    let output = convert(&["-f", "raw"], &qcow2);
+    assert_eq!(output.status.code(), Some(1), "converting a file onto itself is refused");
+}
+
 #[test]
 fn compression_bombs_stop_at_the_limit_and_leave_nothing() {
     let directory = tempfile::tempdir().unwrap();

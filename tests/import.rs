@@ -449,14 +449,26 @@ fn convert_reads_urls_and_registry_images_in_place() {
     run(Command::new(require_tool("cmp")).arg(&expected).arg(&destination));
     assert!(seen.windows(2).all(|pair| pair[0] <= pair[1]), "progress went back: {seen:?}");
     assert!(seen.iter().any(|percent| *percent > 0.0 && *percent < 100.0), "no progress midway: {seen:?}");
+    // A local source (a PVC a provisioner clones) reports its reads too;
+    // standard input cannot (no size, no offsets): refused, not ignored.
+    let local_destination = directory.path().join("local-metrics.raw");
     let local = Command::new(DVCR)
         .args(["convert", &format!("{}/disk.qcow2", files.display())])
-        .arg(directory.path().join("local-metrics.raw"))
+        .arg(&local_destination)
         .args(["--metrics-listen", "127.0.0.1:0"])
         .output()
         .unwrap();
-    assert_eq!(local.status.code(), Some(1), "local files report no progress: refused, not ignored");
-    assert!(String::from_utf8_lossy(&local.stderr).contains("--metrics-listen"));
+    assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
+    run(Command::new(require_tool("cmp")).arg(&expected).arg(&local_destination));
+    let piped = Command::new(DVCR)
+        .args(["convert", "-"])
+        .arg(directory.path().join("stdin-metrics.raw"))
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdin(std::fs::File::open(format!("{}/disk.qcow2", files.display())).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(piped.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&piped.stderr).contains("not standard input"));
 
     let reference = format!("{}/vi/vms/inplace:uid", server.address);
     import_ok(&web.url("plain", "compressed.qcow2"), &reference, &[]);

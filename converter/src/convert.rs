@@ -237,6 +237,19 @@ pub fn convert_read_at(source: &dyn ReadAt, destination: &Path, max_virtual_size
     result
 }
 
+/// Copies `source` to `destination` byte for byte, without looking at
+/// what it holds: for a source known to be raw, such as a disk a
+/// provisioner wrote, whose guest may have put anything at its start, even
+/// an image header (read as qcow2 it would be another disk). Zero blocks
+/// become holes; a failed copy removes its partial output.
+pub fn copy_raw_read_at(source: &dyn ReadAt, destination: &Path) -> Result<(), ConverterError> {
+    let result = raw_to_raw(source, destination);
+    if result.is_err() {
+        remove_partial_output(destination);
+    }
+    result
+}
+
 /// Removes what a failed conversion wrote (a block device is left as is).
 fn remove_partial_output(destination: &Path) {
     let is_block_device = std::fs::metadata(destination).is_ok_and(|metadata| {
@@ -259,7 +272,9 @@ fn to_qcow2(source: &Path, destination: &Path) -> Result<(), ConverterError> {
     }
 }
 
-fn refuse_same_file(source: &Path, destination: &Path) -> Result<(), ConverterError> {
+/// Refuses a conversion whose destination is its source (the same inode):
+/// it would overwrite what it reads.
+pub fn refuse_same_file(source: &Path, destination: &Path) -> Result<(), ConverterError> {
     use std::os::unix::fs::MetadataExt;
     if let (Ok(from), Ok(to)) = (std::fs::metadata(source), std::fs::metadata(destination)) {
         if (from.dev(), from.ino()) == (to.dev(), to.ino()) {

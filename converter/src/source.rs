@@ -13,6 +13,16 @@ pub trait ReadAt: Send + Sync {
     fn size(&self) -> u64;
 }
 
+impl<S: ReadAt + ?Sized> ReadAt for Box<S> {
+    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buffer, offset)
+    }
+
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+}
+
 /// A local file (or block device) as a [`ReadAt`].
 pub struct FileSource {
     file: File,
