@@ -6,6 +6,7 @@
 
 mod common;
 
+use dvcr_controller::reconcile::provision::ImageLocation;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -745,6 +746,72 @@ async fn a_disk_from_a_url_gets_its_pvc_from_the_import_report_and_its_copy_is_d
     assert!(!setup.stored("vd/vms/root", UID), "the intermediate copy is deleted");
 }
 
+#[tokio::test]
+async fn an_image_kept_in_a_pvc_is_ready_when_written_and_lost_with_its_pvc() {
+    let setup = Setup::new();
+    let spec = json!({"storage": "PersistentVolumeClaim", "persistentVolumeClaim": {"storageClassName": "replicated"},
+        "dataSource": {"type": "HTTP", "http": {"url": "https://images.example/noble.qcow2"}}});
+    let claim_path = format!("/api/v1/namespaces/vms/persistentvolumeclaims/vi-ubuntu-{UID}");
+    let provisioner_path = format!("/api/v1/namespaces/vms/pods/dvcr-provisioner-{UID}");
+    let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": format!("vi-ubuntu-{UID}"), "namespace": "vms"},
+        "spec": {"storageClassName": "replicated", "resources": {"requests": {"storage": "2Gi"}}},
+        "status": {"phase": "Bound", "capacity": {"storage": "2Gi"}}});
+
+    // The provisioner finished: the copy is deleted from the real registry,
+    // then the workers; Ready with the PVC as its target.
+    setup.store("vi/vms/ubuntu", UID);
+    let image = virtual_image(
+        &[FINALIZER],
+        spec.clone(),
+        json!({"phase": "Provisioning", "progress": "80.0%", "observedGeneration": 1, "format": "qcow2",
+            "size": {"unpackedBytes": "2147483648"},
+            "target": {"persistentVolumeClaimName": format!("vi-ubuntu-{UID}")}}),
+    );
+    let answer = serde_json::to_value(&image).unwrap();
+    let provisioner = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("dvcr-provisioner-{UID}"),
+        "namespace": "vms"}, "status": {"phase": "Succeeded"}});
+    let mut exchanges = vec![
+        expect("GET", importer_pod_path(), 404, not_found("pods")),
+        expect("GET", provisioner_path.clone(), 200, provisioner),
+        expect("GET", claim_path.clone(), 200, claim),
+    ];
+    exchanges.extend(worker_deletions(&["provisioner", "secret"]));
+    exchanges.push(expect("PATCH", image_path("/status"), 200, answer).checking(|_, body| {
+        assert_eq!(body["status"]["phase"], "Ready");
+        assert_eq!(body["status"]["progress"], "100%");
+        assert_eq!(body["status"]["storageClassName"], "replicated");
+        assert_eq!(body["status"].get("target"), None, "the PVC target stays as it was: {body}");
+    }));
+    let (context, handle) = setup.context();
+    let outcome = reconcile_with(context, handle, image, exchanges).await;
+    assert!(!outcome.starts_with("error"), "{outcome}");
+    assert!(!setup.stored("vi/vms/ubuntu", UID), "the intermediate copy is deleted");
+
+    // Ready, and its PVC is gone: PVCLost, and the registry is not asked
+    // (the image was never meant to stay there).
+    let image = virtual_image(
+        &[FINALIZER],
+        spec,
+        json!({"phase": "Ready", "progress": "100%", "observedGeneration": 1,
+            "target": {"persistentVolumeClaimName": format!("vi-ubuntu-{UID}")}}),
+    );
+    let answer = serde_json::to_value(&image).unwrap();
+    let exchanges = vec![
+        expect("GET", importer_pod_path(), 404, not_found("pods")),
+        expect("GET", provisioner_path, 404, not_found("pods")),
+        expect("GET", claim_path, 404, not_found("persistentvolumeclaims")),
+        expect("PATCH", image_path("/status"), 200, answer).checking(|_, body| {
+            assert_eq!(body["status"]["phase"], "PVCLost");
+            let conditions = body["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            assert!(conditions.iter().any(|condition| condition["reason"] == "PVCLost"), "{body}");
+        }),
+    ];
+    let (context, handle) = setup.context();
+    let outcome = reconcile_with(context, handle, image, exchanges).await;
+    assert!(!outcome.starts_with("error"), "{outcome}");
+}
+
 fn machine_fixtures() -> (Value, Value) {
     let disk = json!({"apiVersion": "virtualization.deckhouse.io/v1alpha2", "kind": "VirtualDisk",
         "metadata": {"name": "root", "namespace": "vms", "uid": SOURCE_UID},
@@ -811,7 +878,7 @@ async fn an_always_on_machine_that_stopped_is_started_through_kubevirt() {
             claim_name: "vd-root-pvc".into(),
         },
         ResolvedDevice::Image {
-            registry_url: "dvcr.dvcr.svc/cvi/installer:x".into(),
+            location: ImageLocation::Registry("dvcr.dvcr.svc/cvi/installer:x".into()),
             cdrom: true,
         },
     ];

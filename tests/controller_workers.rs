@@ -21,6 +21,7 @@ use dvcr_controller::api::disk::{VirtualDiskSpec, VirtualDiskStatus};
 use dvcr_controller::conditions::{find, types};
 use dvcr_controller::reconcile::disk::DiskView;
 use dvcr_controller::reconcile::image::{reconcile, ImageKind, ImageObserved, ImageView};
+use dvcr_controller::reconcile::provision::ImageLocation;
 use dvcr_controller::reconcile::{Action, Plan, WorkerState};
 use dvcr_controller::workload::{
     UploadIngress, VolumeMode, WorkerConfig, WorkerPod, WorkerSecret, SCRATCH_MOUNT, SECRET_MOUNT,
@@ -70,7 +71,12 @@ impl Cluster {
             .iter()
             .map(|access| format!("repository:{}:{}", access.repository, access.actions.join(",")))
             .collect();
-        let token = self.token(&access.iter().map(String::as_str).collect::<Vec<_>>());
+        // A worker that needs no registry access (one reading a PVC) holds a
+        // token that grants nothing; `dvcr token issue` mints none such.
+        let token = match access.is_empty() {
+            true => String::new(),
+            false => self.token(&access.iter().map(String::as_str).collect::<Vec<_>>()),
+        };
         std::fs::create_dir_all(mount).unwrap();
         for (key, value) in secret.secret(&token, None).data.unwrap_or_default() {
             std::fs::write(mount.join(key), value.0).unwrap();
@@ -102,12 +108,23 @@ impl Cluster {
     /// Runs a planned provisioner with its PVC's file system mapped onto a
     /// folder; returns the disk it wrote.
     fn run_provisioner(&self, pod: &WorkerPod, name: &str) -> std::path::PathBuf {
+        self.run_provisioner_reading(pod, name, None)
+    }
+
+    /// Runs a planned provisioner, its PVC's file system mapped onto a
+    /// folder and a source PVC's `disk.img` onto `source`; returns the disk
+    /// it wrote.
+    fn run_provisioner_reading(&self, pod: &WorkerPod, name: &str, source: Option<&Path>) -> std::path::PathBuf {
         let (mut args, _) = self.local_args(pod, name, &[("0.0.0.0:8090", free_port())]);
         let disk = self.root.join(name).join("disk/disk.img");
         std::fs::create_dir_all(self.root.join(name).join("disk")).unwrap();
+        assert_eq!(pod.source_disk.is_some(), source.is_some(), "a source PVC is mounted when one is read");
         for arg in args.iter_mut() {
             if arg == "/disk/disk.img" {
                 *arg = disk.display().to_string();
+            }
+            if let (Some(source), "/source/disk.img") = (source, arg.as_str()) {
+                *arg = source.display().to_string();
             }
         }
         let output = Command::new(DVCR).args(&args).output().unwrap();
@@ -155,6 +172,7 @@ fn view<'a>(source: &'a DataSource, status: &'a ImageStatus) -> ImageView<'a> {
         deleting: false,
         has_finalizer: true,
         storage: ImageStorage::ContainerRegistry,
+        storage_class: None,
         data_source: source,
         status,
     }
@@ -163,6 +181,8 @@ fn view<'a>(source: &'a DataSource, status: &'a ImageStatus) -> ImageView<'a> {
 fn observed(worker: WorkerState) -> ImageObserved {
     ImageObserved {
         worker,
+        provisioner: WorkerState::Absent,
+        claim: None,
         source: None,
         stored: None,
         now: Timestamp::now(),
@@ -399,7 +419,7 @@ fn the_planned_provisioner_writes_the_stored_qcow2_as_the_raw_disk_qemu_img_make
     let status = VirtualDiskStatus::default();
     let view = disk_view(&disk_spec, &status);
     let source = SourceImage::Ready {
-        registry_url: image.clone(),
+        location: ImageLocation::Registry(image.clone()),
         uid: "noble".into(),
         size: Some(ImageSize {
             unpacked_bytes: Some((48u64 << 20).to_string()),
@@ -554,4 +574,145 @@ fn a_disk_from_a_url_is_imported_into_its_copy_then_provisioned_as_the_raw_disk_
     };
     assert_eq!(status("DELETE"), "202");
     assert_eq!(status("GET"), "404", "the copy is gone");
+}
+
+/// A VirtualImage kept in a PVC: imported into its copy, written into its
+/// PVC by the planned provisioner; then a VirtualDisk made from it, whose
+/// planned provisioner reads that PVC (raw, for the image's length only:
+/// here the image's volume holds more than the image) and writes the disk
+/// qemu-img's raw conversion would.
+#[test]
+fn an_image_kept_in_a_pvc_is_written_there_and_a_disk_is_copied_from_that_pvc() {
+    use dvcr_controller::api::common::{ObjectRefKind, ObjectRefSource};
+    use dvcr_controller::api::disk::{DiskPersistentVolumeClaim, DiskPhase};
+    use dvcr_controller::reconcile::disk::{self, ClaimState, DiskObserved};
+    use dvcr_controller::reconcile::image::SourceImage;
+
+    let cluster = Cluster::start();
+    let config = cluster.config();
+    let files = cluster.root.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let raw = cluster.root.join("source.raw");
+    let file = std::fs::File::create(&raw).unwrap();
+    file.set_len(24 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(1 << 20, 91), 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(3 << 20, 92), 17 << 20).unwrap();
+    let qcow2 = files.join("jammy.qcow2");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-c", "-O", "qcow2"]).arg(&raw).arg(&qcow2));
+    let web = FileServer::start(&files);
+    let expected = cluster.root.join("expected.raw");
+    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "raw"]).arg(&qcow2).arg(&expected));
+    let expected = std::fs::read(&expected).unwrap();
+
+    let source = http_source(web.url("plain", "jammy.qcow2"), None);
+    let in_claim = |status| ImageView {
+        storage: ImageStorage::PersistentVolumeClaim,
+        ..view(&source, status)
+    };
+    let look = |worker: WorkerState, claim: Option<ClaimState>, provisioner: WorkerState| ImageObserved {
+        provisioner,
+        claim,
+        ..observed(worker)
+    };
+    let bound = |bytes: u64| ClaimState {
+        phase: Some("Bound".into()),
+        requested_bytes: Some(bytes),
+        capacity_bytes: Some(bytes),
+        storage_class: None,
+    };
+
+    // The importer stores the copy; its report makes the image's PVC.
+    let status = ImageStatus::default();
+    let plan = reconcile(&in_claim(&status), &look(WorkerState::Absent, None, WorkerState::Absent), &config);
+    let (secret, pod) = planned(&plan);
+    assert_eq!(pod.component, "importer");
+    cluster.mount_secret(secret, &cluster.root.join("image-importer/secret"));
+    let (args, report) = cluster.local_args(pod, "image-importer", &[("0.0.0.0:8090", free_port())]);
+    let output = Command::new(DVCR).args(&args).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    let plan = reconcile(
+        &in_claim(&plan.status),
+        &look(finished(&output, &report), None, WorkerState::Absent),
+        &config,
+    );
+    assert!(plan.actions.iter().any(|action| matches!(action, Action::CreateClaim(_))), "{:?}", plan.actions);
+    let claim = bound(VolumeMode::Filesystem.claim_bytes(24 << 20));
+
+    // The provisioner writes the copy into the image's PVC.
+    let plan = reconcile(
+        &in_claim(&plan.status),
+        &look(WorkerState::Absent, Some(claim.clone()), WorkerState::Absent),
+        &config,
+    );
+    let (secret, pod) = planned(&plan);
+    assert_eq!(pod.component, "provisioner");
+    cluster.mount_secret(secret, &cluster.root.join("image-provisioner/secret"));
+    let image_disk = cluster.run_provisioner(pod, "image-provisioner");
+    assert!(std::fs::read(&image_disk).unwrap() == expected, "the image's PVC differs from qemu-img's raw");
+    let done = reconcile(
+        &in_claim(&plan.status),
+        &look(WorkerState::Absent, Some(claim), WorkerState::Succeeded { report: String::new() }),
+        &config,
+    );
+    assert_eq!(done.status.phase, Some(ImagePhase::Ready), "{:?}", done.status.conditions);
+    let claim_name = done.status.target.as_ref().and_then(|target| target.persistent_volume_claim_name.clone());
+    assert_eq!(claim_name.as_deref(), Some(format!("vi-ubuntu-{UID}").as_str()));
+
+    // Its volume is larger than the image, with something past the image.
+    let mut volume = std::fs::OpenOptions::new().append(true).open(&image_disk).unwrap();
+    std::io::Write::write_all(&mut volume, &pseudo_random(1 << 20, 93)).unwrap();
+
+    // A disk from it: the provisioner reads that PVC, mounted as the source.
+    let disk_spec = VirtualDiskSpec {
+        persistent_volume_claim: DiskPersistentVolumeClaim::default(),
+        data_source: Some(DataSource {
+            source_type: DataSourceType::ObjectRef,
+            http: None,
+            container_image: None,
+            object_ref: Some(ObjectRefSource {
+                kind: ObjectRefKind::VirtualImage,
+                name: "ubuntu".into(),
+                namespace: None,
+            }),
+        }),
+    };
+    let disk_status = VirtualDiskStatus::default();
+    let source_image = SourceImage::Ready {
+        location: ImageLocation::Claim {
+            namespace: "vms".into(),
+            name: claim_name.unwrap_or_default(),
+        },
+        uid: UID.into(),
+        size: done.status.size.clone(),
+        format: done.status.format.clone(),
+        cdrom: done.status.cdrom,
+    };
+    let disk_look = DiskObserved {
+        importer: WorkerState::Absent,
+        provisioner: WorkerState::Absent,
+        claim: None,
+        source: Some(source_image),
+        wait_for_first_consumer: false,
+        now: Timestamp::now(),
+        fresh_upload_token: "U".repeat(32),
+    };
+    let plan = disk::reconcile(&disk_view(&disk_spec, &disk_status), &disk_look, &config);
+    let (secret, pod) = planned_of(&plan.actions);
+    assert!(secret.access.is_empty(), "reading a PVC needs no registry access");
+    cluster.mount_secret(secret, &cluster.root.join("disk-provisioner/secret"));
+    let written = cluster.run_provisioner_reading(pod, "disk-provisioner", Some(&image_disk));
+    assert!(std::fs::read(&written).unwrap() == expected, "the disk differs from the image");
+    let done = disk::reconcile(
+        &DiskView {
+            status: &plan.status,
+            ..disk_view(&disk_spec, &disk_status)
+        },
+        &DiskObserved {
+            provisioner: WorkerState::Succeeded { report: String::new() },
+            claim: Some(bound(VolumeMode::Filesystem.claim_bytes(24 << 20))),
+            ..disk_look
+        },
+        &config,
+    );
+    assert_eq!(done.status.phase, Some(DiskPhase::Ready), "{:?}", done.status.conditions);
 }

@@ -12,6 +12,7 @@ use crate::api::machine::{
     VirtualMachineSpec,
 };
 use crate::import::fnv1a64;
+use crate::reconcile::provision::ImageLocation;
 
 /// Label of the KubeVirt objects naming the VirtualMachine they belong to.
 pub const MACHINE_LABEL: &str = "virtualization.deckhouse.io/virtual-machine";
@@ -76,6 +77,9 @@ pub enum MachineSpecError {
     /// `provisioning.type` names a field that is not filled.
     #[error("provisioning.type is {0} but provisioning.{1} is missing")]
     MissingProvisioning(&'static str, &'static str),
+    /// An image kept in a PVC of another namespace.
+    #[error("{0} is kept in a PVC of another namespace, which the machine cannot use")]
+    ForeignClaim(String),
     /// Devices resolved do not match the references.
     #[error("{0} block devices are referenced but {1} were resolved")]
     DeviceCount(usize, usize),
@@ -84,10 +88,11 @@ pub enum MachineSpecError {
 /// What a block device reference resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResolvedDevice {
-    /// A Ready image: its registry reference, and whether it is an ISO.
+    /// A Ready image: where it is, and whether it is an ISO.
     Image {
-        /// `status.target.registryURL`.
-        registry_url: String,
+        /// `status.target`: a registry reference, or a PVC of the machine's
+        /// namespace.
+        location: ImageLocation,
         /// `status.cdrom`.
         cdrom: bool,
     },
@@ -162,14 +167,29 @@ pub fn virtual_machine(
         }
         let boot_order = index + 1;
         match device {
-            ResolvedDevice::Image { registry_url, cdrom } => {
+            ResolvedDevice::Image { location, cdrom } => {
                 disks.push(if *cdrom {
                     json!({"name": volume, "bootOrder": boot_order, "cdrom": {"bus": "sata"}})
                 } else {
                     json!({"name": volume, "bootOrder": boot_order, "disk": {"bus": bus}})
                 });
-                volumes.push(json!({"name": volume, "containerDisk": {
-                    "image": registry_url, "imagePullPolicy": "IfNotPresent"}}));
+                volumes.push(match location {
+                    ImageLocation::Registry(registry_url) => json!({"name": volume, "containerDisk": {
+                        "image": registry_url, "imagePullPolicy": "IfNotPresent"}}),
+                    // The image's PVC is shared and stays as it is: the
+                    // machine writes to a copy-on-write overlay that goes
+                    // with it, as it does over a containerDisk.
+                    ImageLocation::Claim { namespace: claim_namespace, name } => {
+                        if claim_namespace != namespace {
+                            return Err(MachineSpecError::ForeignClaim(format!(
+                                "{:?} {}",
+                                reference.kind, reference.name
+                            )));
+                        }
+                        json!({"name": volume, "ephemeral": {"persistentVolumeClaim": {
+                            "claimName": name, "readOnly": true}}})
+                    }
+                });
             }
             ResolvedDevice::Disk { claim_name } => {
                 disks.push(json!({"name": volume, "bootOrder": boot_order, "disk": {"bus": bus}}));

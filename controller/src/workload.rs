@@ -110,6 +110,9 @@ impl VolumeMode {
 
 /// The device path of a `Block` disk in the provisioner.
 pub const DISK_DEVICE: &str = "/dev/dvcr-disk";
+/// The device path of a `Block` source PVC (an image kept in a PVC) in the
+/// provisioner.
+pub const SOURCE_DEVICE: &str = "/dev/dvcr-source";
 
 /// The Ingress settings of uploads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +290,8 @@ pub struct WorkerPod {
     pub secret_name: String,
     /// The disk a provisioner writes.
     pub disk: Option<DiskVolume>,
+    /// The PVC a provisioner reads, read-only (an image kept in a PVC).
+    pub source_disk: Option<DiskVolume>,
 }
 
 fn restricted_security_context() -> SecurityContext {
@@ -406,26 +411,31 @@ impl WorkerPod {
             }),
             status: None,
         };
-        if let (Some(disk), Some(spec)) = (&self.disk, pod.spec.as_mut()) {
-            spec.volumes.get_or_insert_with(Vec::new).push(Volume {
-                name: "disk".to_string(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: disk.claim_name.clone(),
-                    read_only: Some(false),
-                }),
-                ..Volume::default()
-            });
-            if let Some(container) = spec.containers.first_mut() {
-                match disk.mode {
-                    VolumeMode::Block => {
-                        container.volume_devices = Some(vec![VolumeDevice {
-                            name: "disk".to_string(),
-                            device_path: DISK_DEVICE.to_string(),
-                        }])
-                    }
+        if let Some(spec) = pod.spec.as_mut() {
+            let attached = [
+                ("disk", &self.disk, "/disk", DISK_DEVICE, false),
+                ("source", &self.source_disk, "/source", SOURCE_DEVICE, true),
+            ];
+            for (name, volume, mount_path, device_path, read_only) in attached {
+                let Some(volume) = volume else { continue };
+                spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+                    name: name.to_string(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: volume.claim_name.clone(),
+                        read_only: Some(read_only),
+                    }),
+                    ..Volume::default()
+                });
+                let Some(container) = spec.containers.first_mut() else { continue };
+                match volume.mode {
+                    VolumeMode::Block => container.volume_devices.get_or_insert_with(Vec::new).push(VolumeDevice {
+                        name: name.to_string(),
+                        device_path: device_path.to_string(),
+                    }),
                     VolumeMode::Filesystem => container.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
-                        name: "disk".to_string(),
-                        mount_path: "/disk".to_string(),
+                        name: name.to_string(),
+                        mount_path: mount_path.to_string(),
+                        read_only: read_only.then_some(true),
                         ..VolumeMount::default()
                     }),
                 }
@@ -437,11 +447,29 @@ impl WorkerPod {
 
 /// Name of a disk's PVC: `vd-<name>-<uid>`, or `vd-<uid>` for long names.
 pub fn disk_claim_name(name: &str, uid: &str) -> String {
-    let full = format!("vd-{name}-{uid}");
+    claim_name("vd", name, uid)
+}
+
+/// Name of the PVC of a VirtualImage kept in a PVC: `vi-<name>-<uid>`, or
+/// `vi-<uid>` for long names.
+pub fn image_claim_name(name: &str, uid: &str) -> String {
+    claim_name("vi", name, uid)
+}
+
+fn claim_name(prefix: &str, name: &str, uid: &str) -> String {
+    let full = format!("{prefix}-{name}-{uid}");
     if full.len() <= 253 {
         full
     } else {
-        format!("vd-{uid}")
+        format!("{prefix}-{uid}")
+    }
+}
+
+/// Name of the PVC `owner` fills: a VirtualImage's, or a disk's.
+pub fn claim_name_of(owner: &Owner) -> String {
+    match owner.kind {
+        "VirtualImage" => image_claim_name(&owner.name, &owner.uid),
+        _ => disk_claim_name(&owner.name, &owner.uid),
     }
 }
 
@@ -450,8 +478,9 @@ pub fn provisioner_name(uid: &str) -> String {
     format!("dvcr-provisioner-{uid}")
 }
 
-/// A disk's PVC: `ReadWriteOnce`, `bytes` requested, owned by the disk.
-pub fn disk_claim(
+/// The PVC `owner` (a disk, or an image kept in a PVC) fills:
+/// `ReadWriteOnce`, `bytes` requested, owned by it.
+pub fn claim_of(
     owner: &Owner,
     namespace: &str,
     bytes: u64,
@@ -459,9 +488,9 @@ pub fn disk_claim(
     mode: VolumeMode,
 ) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
-        // Owned by the disk, like every worker object: deleting the
-        // VirtualDisk deletes the PVC.
-        metadata: owner.metadata(disk_claim_name(&owner.name, &owner.uid), namespace, "disk"),
+        // Owned like every worker object: deleting the VirtualDisk (or
+        // VirtualImage) deletes the PVC.
+        metadata: owner.metadata(claim_name_of(owner), namespace, "disk"),
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteOnce".to_string()]),
             volume_mode: Some(
@@ -611,6 +640,7 @@ mod tests {
             args: vec!["import".into()],
             secret_name: worker_secret_name(&owner().uid),
             disk: None,
+            source_disk: None,
         };
         let pod = serde_json::to_value(worker.pod(&config())).unwrap_or_default();
         assert_eq!(pod["metadata"]["name"], "dvcr-importer-0b5c7e0e-1111-2222-3333-444455556666");
@@ -643,6 +673,7 @@ mod tests {
             args: vec!["upload-server".into()],
             secret_name: worker_secret_name(&owner().uid),
             disk: None,
+            source_disk: None,
         };
         let pod = serde_json::to_value(worker.pod(&config())).unwrap_or_default();
         assert_eq!(pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"], "/upload");

@@ -1,4 +1,5 @@
 use super::*;
+use crate::reconcile::provision::ImageLocation;
 
 const UID: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
 
@@ -67,7 +68,7 @@ provisioning:
 ",
     );
     let devices = [ResolvedDevice::Image {
-        registry_url: "dvcr.dvcr.svc/vi/vms/noble:u1".into(),
+        location: ImageLocation::Registry("dvcr.dvcr.svc/vi/vms/noble:u1".into()),
         cdrom: false,
     }];
     let rendered = virtual_machine("web", "vms", UID, &machine_spec, &devices).unwrap_or_default();
@@ -127,7 +128,7 @@ provisioning:
             claim_name: "vd-system-pvc".into(),
         },
         ResolvedDevice::Image {
-            registry_url: "dvcr.dvcr.svc/cvi/windows-2022:u2".into(),
+            location: ImageLocation::Registry("dvcr.dvcr.svc/cvi/windows-2022:u2".into()),
             cdrom: true,
         },
     ];
@@ -210,6 +211,71 @@ volumes:
 ",
     );
     assert_same(&rendered, &want);
+}
+
+/// An image kept in a PVC boots as an `ephemeral` volume: the PVC is
+/// shared read-only and the machine's writes go to an overlay, as over a
+/// containerDisk; an ISO in a PVC is a CD-ROM.
+#[test]
+fn images_kept_in_pvcs_are_ephemeral_volumes() {
+    let machine_spec = spec(
+        "runPolicy: AlwaysOnUnlessStoppedManually
+cpu: {cores: 1}
+memory: {size: 1Gi}
+enableParavirtualization: true
+blockDeviceRefs:
+  - {kind: VirtualImage, name: noble}
+  - {kind: VirtualImage, name: installer}
+",
+    );
+    let in_claim = |name: &str, cdrom| ResolvedDevice::Image {
+        location: ImageLocation::Claim {
+            namespace: "vms".into(),
+            name: name.into(),
+        },
+        cdrom,
+    };
+    let devices = [in_claim("vi-noble-u1", false), in_claim("vi-installer-u2", true)];
+    let rendered = virtual_machine("pvc", "vms", UID, &machine_spec, &devices).unwrap_or_default();
+    let want = machine(
+        "pvc",
+        "Always",
+        "domain:
+  cpu: {cores: 1, sockets: 1, threads: 1}
+  memory: {guest: 1Gi}
+  resources:
+    requests: {cpu: 1000m, memory: 1Gi}
+    limits: {cpu: '1', memory: 1Gi}
+  firmware:
+    bootloader: {bios: {}}
+  devices:
+    disks:
+      - {name: vi-noble, bootOrder: 1, disk: {bus: virtio}}
+      - {name: vi-installer, bootOrder: 2, cdrom: {bus: sata}}
+    interfaces:
+      - {name: default, masquerade: {}, model: virtio}
+networks:
+  - {name: default, pod: {}}
+volumes:
+  - name: vi-noble
+    ephemeral: {persistentVolumeClaim: {claimName: vi-noble-u1, readOnly: true}}
+  - name: vi-installer
+    ephemeral: {persistentVolumeClaim: {claimName: vi-installer-u2, readOnly: true}}
+",
+    );
+    assert_same(&rendered, &want);
+    let foreign = [ResolvedDevice::Image {
+        location: ImageLocation::Claim {
+            namespace: "other".into(),
+            name: "vi-noble-u1".into(),
+        },
+        cdrom: false,
+    }];
+    let one = spec("cpu: {cores: 1}\nmemory: {size: 1Gi}\nblockDeviceRefs: [{kind: VirtualImage, name: noble}]\n");
+    assert_eq!(
+        virtual_machine("x", "vms", UID, &one, &foreign),
+        Err(MachineSpecError::ForeignClaim("VirtualImage noble".into()))
+    );
 }
 
 #[test]

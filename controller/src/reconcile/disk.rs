@@ -9,21 +9,18 @@
 //! provisioner writes the copy into it. The copy is deleted once the disk
 //! is Ready.
 
-use dvcr_importer::reference::ImageReference;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::jiff::Timestamp;
 
 use super::image::SourceImage;
-use super::import_worker::{self, ImportJob, StoredImage};
+use super::import_worker::ImportJob;
+pub use super::provision::ClaimState;
+use super::provision::{self, ClaimTarget, CopyObserved, CopyStep, ImageLocation, ProvisionSource, Provisioned};
 use super::{Action, Plan, Refusal, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
 use crate::api::common::{DataSourceType, ObjectRefKind};
 use crate::api::disk::{DiskPhase, DiskTarget, VirtualDiskSpec, VirtualDiskStatus};
 use crate::conditions::{self, types, Desired, Setter};
-use crate::import::{human_bytes, parse_progress, repository, share_text, ImageOwner};
-use crate::workload::{
-    disk_claim, disk_claim_name, provisioner_name, worker_secret_name, DiskVolume, Owner, RepositoryAccess,
-    SecretKey, WorkerConfig, WorkerPod, WorkerSecret, METRICS_PORT,
-};
+use crate::import::{human_bytes, repository, ImageOwner};
+use crate::workload::{disk_claim_name, Owner, WorkerConfig};
 
 /// What the reconciler reads of a VirtualDisk.
 #[derive(Debug, Clone, Copy)]
@@ -44,19 +41,6 @@ pub struct DiskView<'a> {
     pub spec: &'a VirtualDiskSpec,
     /// `status`, as last written.
     pub status: &'a VirtualDiskStatus,
-}
-
-/// What the I/O layer saw of the disk's PVC.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimState {
-    /// `status.phase`: `Pending`, `Bound`, `Lost`.
-    pub phase: Option<String>,
-    /// `spec.resources.requests.storage`, in bytes.
-    pub requested_bytes: Option<u64>,
-    /// `status.capacity.storage`, in bytes.
-    pub capacity_bytes: Option<u64>,
-    /// `spec.storageClassName`.
-    pub storage_class: Option<String>,
 }
 
 /// What the I/O layer observed for one reconcile.
@@ -113,6 +97,16 @@ impl DiskView<'_> {
             .data_source
             .as_ref()
             .is_some_and(|source| source.source_type != DataSourceType::ObjectRef)
+    }
+
+    /// The disk's PVC, as the provisioning steps fill it.
+    fn claim_target(&self, config: &WorkerConfig) -> ClaimTarget<'_> {
+        ClaimTarget {
+            owner: self.owner(),
+            namespace: self.namespace,
+            storage_class: self.spec.persistent_volume_claim.storage_class_name.as_deref(),
+            mode: config.disk_volume_mode,
+        }
     }
 
     /// The repository of the disk's intermediate copy, `vd/<ns>/<name>`.
@@ -264,7 +258,7 @@ fn keep_ready(
     plan: &mut Plan<VirtualDiskStatus>,
 ) -> Result<(), Refusal> {
     let (now, generation) = (observed.now, view.generation);
-    let Some(claim) = observed.claim.as_ref().filter(|claim| claim.phase.as_deref() != Some("Lost")) else {
+    let Some(claim) = observed.claim.as_ref().filter(|claim| !claim.lost()) else {
         plan.status.phase = Some(DiskPhase::PvcLost);
         set(
             &mut plan.status,
@@ -348,12 +342,12 @@ fn provision(
     plan: &mut Plan<VirtualDiskStatus>,
 ) -> Result<(), Refusal> {
     let (now, generation) = (observed.now, view.generation);
+    let setter = Setter { generation, now };
     let requested = requested_size(view)?;
-    let mode = config.disk_volume_mode;
-    let storage_class = view.spec.persistent_volume_claim.storage_class_name.as_deref();
+    let target = view.claim_target(config);
 
-    // What to write, and how large the PVC must be.
-    let (image, disk_bytes) = match &view.spec.data_source {
+    // What to write (where, and its virtual size), and how large the PVC must be.
+    let (source, disk_bytes) = match &view.spec.data_source {
         None => {
             let bytes = requested.ok_or_else(|| Refusal {
                 reason: "InvalidSize",
@@ -361,11 +355,32 @@ fn provision(
             })?;
             (None, bytes)
         }
-        // The copy is written once its PVC exists, so no size is needed here.
-        Some(_) if view.imports() => match import_copy(view, observed, config, requested, plan)? {
-            Some(copy) => (Some(copy), 0),
-            None => return Ok(()),
-        },
+        // The copy's PVC is made by the import step: no size is needed here.
+        Some(data_source) if view.imports() => {
+            let repository = view.copy_repository(&config.registry_host);
+            let copy = format!("{}/{repository}:{}", config.registry_host, view.uid);
+            let job = ImportJob {
+                owner: view.owner(),
+                data_source,
+                namespace: view.namespace,
+                pull_secret_namespace: Some(view.namespace),
+                repository: &repository,
+                target: &copy,
+                shown_progress: view.status.progress.as_deref(),
+                progress_share: 0.5,
+                upload_urls: view.status.image_upload_urls.as_ref(),
+                upload_seen: view.status.phase == Some(DiskPhase::Provisioning),
+            };
+            let copy_observed = CopyObserved {
+                importer: &observed.importer,
+                claim: observed.claim.as_ref(),
+                fresh_upload_token: &observed.fresh_upload_token,
+            };
+            match provision::import_copy(&job, &target, copy_observed, requested, config, &setter, plan)? {
+                CopyStep::InRegistry(copy) => (Some((ImageLocation::Registry(copy), None)), 0),
+                CopyStep::Importing | CopyStep::Stored(_) => return Ok(()),
+            }
+        }
         Some(_) => {
             let Some((kind, namespace, name)) = view.source_object() else {
                 return Err(Refusal {
@@ -384,9 +399,7 @@ fn provision(
                 None => format!("{kind:?} {name}"),
             };
             match &observed.source {
-                Some(SourceImage::Ready {
-                    registry_url, size, ..
-                }) => {
+                Some(SourceImage::Ready { location, size, .. }) => {
                     let virtual_bytes = size
                         .as_ref()
                         .and_then(|size| size.unpacked_bytes.as_deref())
@@ -395,17 +408,8 @@ fn provision(
                             reason: "InvalidDataSource",
                             message: format!("{described} does not report its virtual size"),
                         })?;
-                    if let Some(requested) = requested.filter(|requested| *requested < virtual_bytes) {
-                        return Err(Refusal {
-                            reason: "InvalidSize",
-                            message: format!(
-                                "persistentVolumeClaim.size {} is smaller than the image's virtual size {}",
-                                human_bytes(requested),
-                                human_bytes(virtual_bytes)
-                            ),
-                        });
-                    }
-                    (Some(registry_url.clone()), requested.unwrap_or(virtual_bytes))
+                    let bytes = provision::fitting_size(requested, virtual_bytes, "the image")?;
+                    (Some((location.clone(), Some(virtual_bytes))), bytes)
                 }
                 other => {
                     let (reason, message) = match other {
@@ -427,9 +431,14 @@ fn provision(
             }
         }
     };
-    if let Some(image) = &image {
+    let source = source.as_ref().map(|(location, virtual_bytes)| ProvisionSource {
+        location,
+        virtual_bytes: *virtual_bytes,
+        imported: view.imports(),
+    });
+    if let Some(source) = &source {
         let message = if view.imports() {
-            format!("the source is stored in the registry as {image}")
+            format!("the source is stored in the registry as {}", source.location)
         } else {
             "the image is Ready".to_string()
         };
@@ -437,9 +446,9 @@ fn provision(
     }
 
     let Some(claim) = &observed.claim else {
-        plan.actions.push(Action::CreateClaim(Box::new(claim_for(view, disk_bytes, storage_class, mode))));
-        if let Some(image) = &image {
-            start_provisioner(view, config, claim_name, image, plan)?;
+        plan.actions.push(Action::CreateClaim(Box::new(target.claim(disk_bytes))));
+        if let Some(source) = source {
+            plan.actions.extend(provision::start_provisioner(&target, source, config)?);
         }
         plan.status.phase = Some(DiskPhase::Provisioning);
         plan.status.progress = Some("0%".into());
@@ -447,14 +456,14 @@ fn provision(
         plan.requeue_after = Some(PROGRESS_INTERVAL);
         return Ok(());
     };
-    if claim.phase.as_deref() == Some("Lost") {
+    if claim.lost() {
         return Err(Refusal {
             reason: "PVCLost",
             message: format!("the PVC {claim_name} lost its volume"),
         });
     }
     let bound = claim.phase.as_deref() == Some("Bound");
-    let Some(image) = image else {
+    let Some(source) = source else {
         // Blank: ready once bound (or waiting for its first consumer).
         if bound {
             plan.status.phase = Some(DiskPhase::Ready);
@@ -480,264 +489,16 @@ fn provision(
         }
         return Ok(());
     };
-    match &observed.provisioner {
-        WorkerState::Absent => {
-            // The PVC exists but the provisioner is gone before it finished
-            // (deleted, or its node went away): write the image again.
-            start_provisioner(view, config, claim_name, &image, plan)?;
-            plan.status.phase = Some(DiskPhase::Provisioning);
-            let message = "starting the provisioner".to_string();
-            set(&mut plan.status, now, generation, types::READY, false, "Provisioning", message);
-            plan.requeue_after = Some(PROGRESS_INTERVAL);
-        }
-        WorkerState::Pending { waiting } => {
-            plan.status.phase = Some(DiskPhase::Provisioning);
-            let message = match waiting {
-                Some(reason) => format!("the provisioner Pod waits: {reason}"),
-                None => "the provisioner Pod is starting".into(),
-            };
-            set(&mut plan.status, now, generation, types::READY, false, "Provisioning", message);
-            plan.requeue_after = Some(PROGRESS_INTERVAL);
-        }
-        WorkerState::Running { metrics } => {
-            // An imported disk's first half was its import.
-            let (from, share) = if view.imports() { (50.0, 0.5) } else { (0.0, 1.0) };
-            let progress = metrics.as_deref().map(|text| parse_progress(text, view.uid));
-            let shown = view.status.progress.as_deref();
-            if let Some(text) = progress.and_then(|progress| share_text(&progress, from, share, shown)) {
-                plan.status.progress = Some(text);
-            }
-            plan.status.phase = Some(DiskPhase::Provisioning);
-            set(
-                &mut plan.status,
-                now,
-                generation,
-                types::READY,
-                false,
-                "Provisioning",
-                format!("writing {image} into the PVC"),
-            );
-            plan.requeue_after = Some(PROGRESS_INTERVAL);
-        }
-        WorkerState::Succeeded { .. } => {
-            if view.imports() {
-                // The intermediate copy has served its purpose.
-                plan.actions.push(Action::DeleteImage {
-                    repository: view.copy_repository(&config.registry_host),
-                    tag: view.uid.to_string(),
-                });
-            }
-            plan.actions.push(Action::DeleteWorker {
-                namespace: view.namespace.to_string(),
-                owner_uid: view.uid.to_string(),
-            });
+    match provision::follow_provisioner(&target, source, &observed.provisioner, config, &setter, plan)? {
+        Provisioned::Working => {}
+        Provisioned::Written => {
             plan.status.phase = Some(DiskPhase::Ready);
             plan.status.progress = Some("100%".into());
-            set(&mut plan.status, now, generation, types::READY, true, "Ready", format!("written from {image}"));
+            let message = format!("written from {}", source.location);
+            set(&mut plan.status, now, generation, types::READY, true, "Ready", message);
             plan.requeue_after = Some(IMAGE_CHECK_INTERVAL);
         }
-        WorkerState::Failed { report, reason } => {
-            let said = report
-                .as_deref()
-                .map(str::trim)
-                .filter(|text| !text.is_empty())
-                .map(|text| text.lines().last().unwrap_or(text).to_string());
-            return Err(Refusal {
-                reason: "ProvisioningFailed",
-                message: match said {
-                    Some(said) => format!("writing {image} into the PVC failed: {said}"),
-                    None => format!("the provisioner Pod failed ({reason}); see its events"),
-                },
-            });
-        }
     }
-    Ok(())
-}
-
-/// The first step of a disk from `HTTP`, `ContainerImage` or `Upload`:
-/// the importer or uploader stores the source as the disk's intermediate
-/// copy. Once stored, the PVC is created and the worker removed; the
-/// provisioner starts on the next reconcile (it shares the worker's Secret
-/// name, which must be gone first). Returns the copy's reference once the
-/// PVC exists and the importer is gone, `None` while this step goes on.
-fn import_copy(
-    view: &DiskView<'_>,
-    observed: &DiskObserved,
-    config: &WorkerConfig,
-    requested: Option<u64>,
-    plan: &mut Plan<VirtualDiskStatus>,
-) -> Result<Option<String>, Refusal> {
-    let Some(data_source) = view.spec.data_source.as_ref() else {
-        return Ok(None);
-    };
-    let repository = view.copy_repository(&config.registry_host);
-    let target = format!("{}/{repository}:{}", config.registry_host, view.uid);
-    let setter = Setter {
-        generation: view.generation,
-        now: observed.now,
-    };
-    plan.requeue_after = Some(PROGRESS_INTERVAL);
-    if observed.claim.is_some() {
-        if observed.importer == WorkerState::Absent {
-            return Ok(Some(target));
-        }
-        // Stored, PVC made; the importer was not removed yet.
-        plan.actions.push(Action::DeleteWorker {
-            namespace: view.namespace.to_string(),
-            owner_uid: view.uid.to_string(),
-        });
-        plan.status.phase = Some(DiskPhase::Provisioning);
-        setter.set(
-            &mut plan.status.conditions,
-            types::READY,
-            false,
-            "Provisioning",
-            "the source is stored; removing the importer before the provisioner starts".into(),
-        );
-        return Ok(None);
-    }
-    let job = ImportJob {
-        owner: view.owner(),
-        data_source,
-        namespace: view.namespace,
-        pull_secret_namespace: Some(view.namespace),
-        repository: &repository,
-        target: &target,
-        shown_progress: view.status.progress.as_deref(),
-        progress_share: 0.5,
-        upload_urls: view.status.image_upload_urls.as_ref(),
-        upload_seen: view.status.phase == Some(DiskPhase::Provisioning),
-    };
-    let update = import_worker::drive(&job, &observed.importer, config, &observed.fresh_upload_token)?;
-    let (actions, stored) = update.show(&mut plan.status, &setter);
-    plan.actions.extend(actions);
-    let Some(StoredImage { size, format, .. }) = stored else {
-        return Ok(None);
-    };
-    let virtual_bytes = size
-        .unpacked_bytes
-        .as_deref()
-        .and_then(|bytes| bytes.parse::<u64>().ok())
-        .ok_or_else(|| Refusal {
-            reason: "ImporterFailed",
-            message: "the importer's report lacks the image's virtual size".into(),
-        })?;
-    if let Some(requested) = requested.filter(|requested| *requested < virtual_bytes) {
-        return Err(Refusal {
-            reason: "InvalidSize",
-            message: format!(
-                "persistentVolumeClaim.size {} is smaller than the {format} image's virtual size {}",
-                human_bytes(requested),
-                human_bytes(virtual_bytes)
-            ),
-        });
-    }
-    let storage_class = view.spec.persistent_volume_claim.storage_class_name.as_deref();
-    let disk_bytes = requested.unwrap_or(virtual_bytes);
-    plan.actions.push(Action::CreateClaim(Box::new(claim_for(
-        view,
-        disk_bytes,
-        storage_class,
-        config.disk_volume_mode,
-    ))));
-    plan.actions.push(Action::DeleteWorker {
-        namespace: view.namespace.to_string(),
-        owner_uid: view.uid.to_string(),
-    });
-    plan.status.phase = Some(DiskPhase::Provisioning);
-    plan.status.progress = Some("50.0%".into());
-    plan.status.download_speed = import_worker::settled_speed(plan.status.download_speed.take());
-    setter.set(
-        &mut plan.status.conditions,
-        types::DATASOURCE_READY,
-        true,
-        "Ready",
-        format!("the source is stored in the registry as {target}"),
-    );
-    setter.set(
-        &mut plan.status.conditions,
-        types::READY,
-        false,
-        "Provisioning",
-        format!("creating a PVC of {} for the {format} image", human_bytes(disk_bytes)),
-    );
-    Ok(None)
-}
-
-fn claim_for(
-    view: &DiskView<'_>,
-    disk_bytes: u64,
-    storage_class: Option<&str>,
-    mode: crate::workload::VolumeMode,
-) -> PersistentVolumeClaim {
-    disk_claim(&view.owner(), view.namespace, mode.claim_bytes(disk_bytes), storage_class, mode)
-}
-
-/// The provisioner: a token to pull the image, and `dvcr convert` from the
-/// registry into the PVC.
-fn start_provisioner(
-    view: &DiskView<'_>,
-    config: &WorkerConfig,
-    claim_name: &str,
-    image: &str,
-    plan: &mut Plan<VirtualDiskStatus>,
-) -> Result<(), Refusal> {
-    let repository = ImageReference::parse(image)
-        .map_err(|error| Refusal {
-            reason: "InvalidDataSource",
-            message: format!("the image's registryURL {image:?} is not a reference: {error}"),
-        })?
-        .repository;
-    let owner = view.owner();
-    let secret = WorkerSecret {
-        key: SecretKey {
-            namespace: view.namespace.to_string(),
-            name: worker_secret_name(view.uid),
-        },
-        owner: owner.clone(),
-        access: vec![RepositoryAccess {
-            repository,
-            actions: vec!["pull"],
-        }],
-        source_ca_bundle: None,
-        pull_secret: None,
-        registry_ca_bundle: config.registry_ca_bundle.clone(),
-    };
-    let files = secret.mounted_files();
-    let mode = config.disk_volume_mode;
-    let mut args = vec![
-        "convert".to_string(),
-        format!("docker://{image}"),
-        mode.provisioner_target().to_string(),
-        "-O".into(),
-        "raw".into(),
-    ];
-    if let Some(path) = &files.registry_token_file {
-        args.push(format!("--registry-token-file={path}"));
-    }
-    if let Some(path) = &files.registry_ca_bundle {
-        args.push(format!("--ca-bundle={path}"));
-    }
-    if config.registry_plain_http {
-        args.push("--plain-http".into());
-    }
-    args.push(format!("--owner-uid={}", view.uid));
-    args.push(format!("--metrics-listen=0.0.0.0:{METRICS_PORT}"));
-    plan.actions.push(Action::CreateSecret(secret));
-    plan.actions.push(Action::CreatePod(WorkerPod {
-        key: SecretKey {
-            namespace: view.namespace.to_string(),
-            name: provisioner_name(view.uid),
-        },
-        component: "provisioner",
-        owner,
-        args,
-        secret_name: worker_secret_name(view.uid),
-        disk: Some(DiskVolume {
-            claim_name: claim_name.to_string(),
-            mode,
-        }),
-    }));
     Ok(())
 }
 

@@ -3,10 +3,18 @@
 //! and Ingress (`Upload`), or a registry-side copy (`ObjectRef`); then a
 //! periodic check that the image is still stored, and deletion of the
 //! registry image behind a finalizer.
+//!
+//! A VirtualImage with `storage: PersistentVolumeClaim` is kept raw in a
+//! PVC of its namespace instead, filled as a disk is
+//! ([`super::provision`]): imported sources go through the intermediate
+//! copy `vi/<ns>/<name>:<uid>`, removed once the PVC holds the image; an
+//! `objectRef` image is read in place (from the registry, or from another
+//! image's PVC). Its PVC going away is `PVCLost`.
 
 use k8s_openapi::jiff::Timestamp;
 
 use super::import_worker::{self, ImportJob, StoredImage};
+use super::provision::{self, ClaimState, ClaimTarget, CopyObserved, CopyStep, ImageLocation, ProvisionSource, Provisioned};
 use super::{Action, Plan, Refusal, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
 use crate::api::common::{DataSource, DataSourceType, ImageSize, ObjectRefKind};
 use crate::api::image::{ImagePhase, ImageStatus, ImageStorage, ImageTarget};
@@ -43,6 +51,9 @@ pub struct ImageView<'a> {
     pub has_finalizer: bool,
     /// `spec.storage` (ClusterVirtualImages: the registry).
     pub storage: ImageStorage,
+    /// `spec.persistentVolumeClaim.storageClassName`, for `storage:
+    /// PersistentVolumeClaim`.
+    pub storage_class: Option<&'a str>,
     /// `spec.dataSource`.
     pub data_source: &'a DataSource,
     /// `status`, as last written.
@@ -56,10 +67,10 @@ pub enum SourceImage {
     Missing,
     /// It exists but is not Ready (yet); its phase, if any.
     NotReady(Option<String>),
-    /// Ready, stored in the registry.
+    /// Ready, stored in the registry or in a PVC.
     Ready {
-        /// Its `status.target.registryURL`.
-        registry_url: String,
+        /// Its `status.target`.
+        location: ImageLocation,
         /// Its UID.
         uid: String,
         /// Its status sizes, format and CD-ROM flag, copied with it.
@@ -76,6 +87,10 @@ pub enum SourceImage {
 pub struct ImageObserved {
     /// The importer or uploader Pod.
     pub worker: WorkerState,
+    /// The provisioner Pod of an image kept in a PVC.
+    pub provisioner: WorkerState,
+    /// The PVC of an image kept in a PVC.
+    pub claim: Option<ClaimState>,
     /// The object an `objectRef` names (`None` for other sources).
     pub source: Option<SourceImage>,
     /// Whether the image is in the registry, when it was checked (Ready
@@ -110,6 +125,19 @@ impl ImageView<'_> {
             ImageKind::ClusterVirtualImage => ImageOwner::ClusterVirtualImage { name: self.name },
         };
         repository(registry_host, owner)
+    }
+
+    /// The PVC of a VirtualImage kept in one.
+    fn claim_target(&self, config: &WorkerConfig) -> Option<ClaimTarget<'_>> {
+        match (self.kind, self.storage) {
+            (ImageKind::VirtualImage { namespace }, ImageStorage::PersistentVolumeClaim) => Some(ClaimTarget {
+                owner: self.owner(),
+                namespace,
+                storage_class: self.storage_class,
+                mode: config.disk_volume_mode,
+            }),
+            _ => None,
+        }
     }
 
     /// Where its workers run: a VirtualImage's namespace, or the
@@ -198,10 +226,17 @@ pub fn reconcile(view: &ImageView<'_>, observed: &ImageObserved, config: &Worker
         phase => phase,
     };
 
+    let claim_target = view.claim_target(config);
+    let has_workers = observed.worker != WorkerState::Absent || observed.provisioner != WorkerState::Absent;
     match phase {
-        Some(ImagePhase::Ready) | Some(ImagePhase::ImageLost) => {
-            if observed.worker != WorkerState::Absent {
+        Some(ImagePhase::Ready) | Some(ImagePhase::ImageLost) | Some(ImagePhase::PvcLost) => {
+            if has_workers {
                 plan.actions.push(cleanup);
+            }
+            plan.requeue_after = Some(IMAGE_CHECK_INTERVAL);
+            if let Some(target) = &claim_target {
+                keep_claim(&target.claim_name(), observed, &setter, &mut plan);
+                return plan;
             }
             let url = plan
                 .status
@@ -227,11 +262,10 @@ pub fn reconcile(view: &ImageView<'_>, observed: &ImageObserved, config: &Worker
                 }
                 _ => {}
             }
-            plan.requeue_after = Some(IMAGE_CHECK_INTERVAL);
             return plan;
         }
         Some(ImagePhase::Failed) => {
-            if observed.worker != WorkerState::Absent {
+            if has_workers {
                 plan.actions.push(cleanup);
             }
             return plan;
@@ -239,35 +273,160 @@ pub fn reconcile(view: &ImageView<'_>, observed: &ImageObserved, config: &Worker
         _ => {}
     }
 
-    if view.storage == ImageStorage::PersistentVolumeClaim {
-        fail(
-            &mut plan,
-            now,
-            generation,
-            Refusal {
-                reason: "StorageNotSupported",
-                message: "spec.storage PersistentVolumeClaim is not supported by this controller; \
-                          use ContainerRegistry (the default)"
-                    .into(),
-            },
-        );
-        return plan;
-    }
-
     let target = format!("{}/{repository}:{}", config.registry_host, view.uid);
-    let result = match view.data_source.source_type {
-        DataSourceType::ObjectRef => copy_object(view, observed, &target, &mut plan),
-        DataSourceType::Upload | DataSourceType::Http | DataSourceType::ContainerImage => {
+    let result = match (&claim_target, view.data_source.source_type) {
+        (Some(claim_target), _) => fill_claim(view, observed, config, claim_target, &repository, &target, &mut plan),
+        (None, DataSourceType::ObjectRef) => copy_object(view, observed, &target, &mut plan),
+        (None, DataSourceType::Upload | DataSourceType::Http | DataSourceType::ContainerImage) => {
             run_worker(view, observed, config, &namespace, &repository, &target, &mut plan)
         }
     };
     if let Err(refusal) = result {
-        if observed.worker != WorkerState::Absent {
+        if has_workers && !plan.actions.contains(&cleanup) {
             plan.actions.push(cleanup);
         }
         fail(&mut plan, now, generation, refusal);
     }
     plan
+}
+
+/// A Ready image kept in a PVC: its PVC must stay.
+fn keep_claim(claim_name: &str, observed: &ImageObserved, setter: &Setter, plan: &mut Plan<ImageStatus>) {
+    match &observed.claim {
+        Some(claim) if !claim.lost() => {
+            if plan.status.phase != Some(ImagePhase::Ready) {
+                plan.status.phase = Some(ImagePhase::Ready);
+                let message = format!("stored in PVC {claim_name}");
+                setter.set(&mut plan.status.conditions, types::READY, true, "Ready", message);
+            }
+        }
+        found => {
+            plan.status.phase = Some(ImagePhase::PvcLost);
+            let what = if found.is_some() { "lost its volume" } else { "is gone" };
+            let message = format!(
+                "the image's PVC {claim_name} {what}; its data is lost: delete this resource and import it again"
+            );
+            setter.set(&mut plan.status.conditions, types::READY, false, "PVCLost", message);
+        }
+    }
+}
+
+/// A VirtualImage kept in a PVC: the source (imported into the
+/// intermediate copy first, or an `objectRef` image read in place), the
+/// PVC, the provisioner.
+fn fill_claim(
+    view: &ImageView<'_>,
+    observed: &ImageObserved,
+    config: &WorkerConfig,
+    claim_target: &ClaimTarget<'_>,
+    repository: &str,
+    copy: &str,
+    plan: &mut Plan<ImageStatus>,
+) -> Result<(), Refusal> {
+    let setter = Setter {
+        generation: view.generation,
+        now: observed.now,
+    };
+    let claim_name = claim_target.claim_name();
+    plan.status.target = Some(ImageTarget {
+        registry_url: None,
+        persistent_volume_claim_name: Some(claim_name.clone()),
+    });
+    if let Some(claim) = &observed.claim {
+        plan.status.storage_class_name = claim.storage_class.clone();
+    }
+    let imported = view.data_source.source_type != DataSourceType::ObjectRef;
+    let (location, virtual_bytes) = if imported {
+        let job = ImportJob {
+            owner: view.owner(),
+            data_source: view.data_source,
+            namespace: claim_target.namespace,
+            pull_secret_namespace: Some(claim_target.namespace),
+            repository,
+            target: copy,
+            shown_progress: view.status.progress.as_deref(),
+            progress_share: 0.5,
+            upload_urls: view.status.image_upload_urls.as_ref(),
+            upload_seen: view.status.phase == Some(ImagePhase::Provisioning),
+        };
+        let copy_observed = CopyObserved {
+            importer: &observed.worker,
+            claim: observed.claim.as_ref(),
+            fresh_upload_token: &observed.fresh_upload_token,
+        };
+        match provision::import_copy(&job, claim_target, copy_observed, None, config, &setter, plan)? {
+            CopyStep::Importing => return Ok(()),
+            CopyStep::Stored(StoredImage { size, format, cdrom }) => {
+                plan.status.size = Some(size);
+                plan.status.format = Some(format);
+                plan.status.cdrom = Some(cdrom);
+                return Ok(());
+            }
+            CopyStep::InRegistry(copy) => (ImageLocation::Registry(copy), None),
+        }
+    } else {
+        let Some(SourceImage::Ready {
+            location,
+            uid,
+            size,
+            format,
+            cdrom,
+        }) = ready_source(view, observed, plan)?
+        else {
+            return Ok(());
+        };
+        let virtual_bytes = size
+            .as_ref()
+            .and_then(|size| size.unpacked_bytes.as_deref())
+            .and_then(|bytes| bytes.parse::<u64>().ok())
+            .ok_or_else(|| Refusal {
+                reason: "InvalidDataSource",
+                message: format!("the image in {location} does not report its virtual size"),
+            })?;
+        plan.status.source_uid = Some(uid.clone());
+        plan.status.size = size.clone();
+        plan.status.format = format.clone();
+        plan.status.cdrom = *cdrom;
+        let message = "the source image is Ready".to_string();
+        setter.set(&mut plan.status.conditions, types::DATASOURCE_READY, true, "Ready", message);
+        (location.clone(), Some(virtual_bytes))
+    };
+    let source = ProvisionSource {
+        location: &location,
+        virtual_bytes,
+        imported,
+    };
+    let Some(claim) = &observed.claim else {
+        // An imported image's PVC was made by its import step.
+        let bytes = virtual_bytes.unwrap_or_default();
+        plan.actions.push(Action::CreateClaim(Box::new(claim_target.claim(bytes))));
+        plan.actions.extend(provision::start_provisioner(claim_target, source, config)?);
+        plan.status.phase = Some(ImagePhase::Provisioning);
+        plan.status.progress = Some("0%".into());
+        setter.set(&mut plan.status.conditions, types::READY, false, "Provisioning", "creating the PVC".into());
+        plan.requeue_after = Some(PROGRESS_INTERVAL);
+        return Ok(());
+    };
+    if claim.lost() {
+        return Err(Refusal {
+            reason: "PVCLost",
+            message: format!("the PVC {claim_name} lost its volume"),
+        });
+    }
+    match provision::follow_provisioner(claim_target, source, &observed.provisioner, config, &setter, plan)? {
+        Provisioned::Working => {}
+        Provisioned::Written => {
+            plan.status.phase = Some(ImagePhase::Ready);
+            plan.status.progress = Some("100%".into());
+            plan.status.download_speed = import_worker::settled_speed(plan.status.download_speed.take());
+            let message = format!("written from {location}");
+            setter.set(&mut plan.status.conditions, types::DATASOURCE_READY, true, "Ready", message);
+            let message = format!("stored in PVC {claim_name}");
+            setter.set(&mut plan.status.conditions, types::READY, true, "Ready", message);
+            plan.requeue_after = Some(IMAGE_CHECK_INTERVAL);
+        }
+    }
+    Ok(())
 }
 
 fn fail(plan: &mut Plan<ImageStatus>, now: Timestamp, generation: Option<i64>, refusal: Refusal) {
@@ -320,6 +479,47 @@ fn copy_object(
     target: &str,
     plan: &mut Plan<ImageStatus>,
 ) -> Result<(), Refusal> {
+    let Some(SourceImage::Ready {
+        location,
+        uid,
+        size,
+        format,
+        cdrom,
+    }) = ready_source(view, observed, plan)?
+    else {
+        return Ok(());
+    };
+    let ImageLocation::Registry(registry_url) = location else {
+        return Err(Refusal {
+            reason: "InvalidDataSource",
+            message: format!(
+                "the source image is kept in {location}, not in the registry; make this image from that \
+                 image's own source, or keep this one in a PVC too (a VirtualImage with storage: \
+                 PersistentVolumeClaim in the same namespace)"
+            ),
+        });
+    };
+    plan.actions.push(Action::CopyImage {
+        from: registry_url.clone(),
+        to: target.to_string(),
+    });
+    plan.status.source_uid = Some(uid.clone());
+    plan.status.size = size.clone();
+    plan.status.format = format.clone();
+    plan.status.cdrom = *cdrom;
+    ready(plan, observed.now, view.generation, target);
+    Ok(())
+}
+
+/// The image an `objectRef` names, once Ready; until then the image waits
+/// for it (`Pending`, with the reason), and `None` is returned. Refused:
+/// disks, and a VirtualImage named by a ClusterVirtualImage without its
+/// namespace.
+fn ready_source<'a>(
+    view: &ImageView<'_>,
+    observed: &'a ImageObserved,
+    plan: &mut Plan<ImageStatus>,
+) -> Result<Option<&'a SourceImage>, Refusal> {
     let Some((kind, namespace, name)) = view.source_object() else {
         return Err(ImportSpecError::MissingSource(DataSourceType::ObjectRef, "objectRef").into());
     };
@@ -343,50 +543,24 @@ fn copy_object(
                 .into(),
         });
     }
-    let waiting = |plan: &mut Plan<ImageStatus>, reason, message: String| {
-        plan.status.phase = Some(ImagePhase::Pending);
-        for condition_type in [types::DATASOURCE_READY, types::READY] {
-            conditions::set(
-                &mut plan.status.conditions,
-                Desired {
-                    condition_type,
-                    status: false,
-                    reason,
-                    message: message.clone(),
-                },
-                view.generation,
-                observed.now,
-            );
-        }
-        plan.requeue_after = Some(WAIT_INTERVAL);
-    };
-    match &observed.source {
-        None | Some(SourceImage::Missing) => {
-            waiting(plan, "SourceNotFound", format!("waiting for {described}: it does not exist"));
-        }
+    let (reason, message) = match &observed.source {
+        Some(source @ SourceImage::Ready { .. }) => return Ok(Some(source)),
+        None | Some(SourceImage::Missing) => ("SourceNotFound", format!("waiting for {described}: it does not exist")),
         Some(SourceImage::NotReady(phase)) => {
             let phase = phase.as_deref().unwrap_or("no phase yet");
-            waiting(plan, "SourceNotReady", format!("waiting for {described} to be Ready (it is {phase})"));
+            ("SourceNotReady", format!("waiting for {described} to be Ready (it is {phase})"))
         }
-        Some(SourceImage::Ready {
-            registry_url,
-            uid,
-            size,
-            format,
-            cdrom,
-        }) => {
-            plan.actions.push(Action::CopyImage {
-                from: registry_url.clone(),
-                to: target.to_string(),
-            });
-            plan.status.source_uid = Some(uid.clone());
-            plan.status.size = size.clone();
-            plan.status.format = format.clone();
-            plan.status.cdrom = *cdrom;
-            ready(plan, observed.now, view.generation, target);
-        }
+    };
+    plan.status.phase = Some(ImagePhase::Pending);
+    let setter = Setter {
+        generation: view.generation,
+        now: observed.now,
+    };
+    for condition_type in [types::DATASOURCE_READY, types::READY] {
+        setter.set(&mut plan.status.conditions, condition_type, false, reason, message.clone());
     }
-    Ok(())
+    plan.requeue_after = Some(WAIT_INTERVAL);
+    Ok(None)
 }
 
 /// `HTTP`, `ContainerImage`, `Upload`: a worker Pod imports or receives the

@@ -347,6 +347,7 @@ fn start(
             args,
             secret_name: worker_secret_name(uid),
             disk: None,
+            source_disk: None,
         }),
     ];
     if !upload {

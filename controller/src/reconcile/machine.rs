@@ -460,7 +460,7 @@ mod tests {
                 claim_name: "vd-root".into(),
             }),
             DeviceState::Ready(ResolvedDevice::Image {
-                registry_url: "dvcr/cvi/iso:1".into(),
+                location: crate::reconcile::provision::ImageLocation::Registry("dvcr/cvi/iso:1".into()),
                 cdrom: true,
             }),
         ]

@@ -11,6 +11,7 @@ pub mod image;
 pub mod import_worker;
 pub mod machine;
 pub mod operation;
+pub mod provision;
 
 use std::time::Duration;
 

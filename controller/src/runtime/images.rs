@@ -5,12 +5,13 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::runtime::controller::Action as Requeue;
 use kube::{Api, Resource, ResourceExt};
 use rand::distr::{Alphanumeric, SampleString};
 use serde::de::DeserializeOwned;
 
+use super::disks::claim_state;
 use super::observe::{source_image, worker_state};
 use super::{execute, Context, Error};
 use crate::api::common::{DataSource, DataSourceType, ObjectRefKind};
@@ -18,7 +19,7 @@ use crate::api::image::{ImagePhase, ImageStorage};
 use crate::api::{ClusterVirtualImage, VirtualImage};
 use crate::reconcile::image::{reconcile, ImageKind, ImageObserved, ImageView, SourceImage};
 use crate::reconcile::{WorkerState, FINALIZER};
-use crate::workload::{importer_name, uploader_name, METRICS_PORT};
+use crate::workload::{image_claim_name, importer_name, provisioner_name, uploader_name, METRICS_PORT};
 
 /// How long a failed reconcile waits before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(15);
@@ -37,6 +38,11 @@ pub async fn reconcile_virtual_image(image: Arc<VirtualImage>, context: Arc<Cont
         deleting: image.meta().deletion_timestamp.is_some(),
         has_finalizer: image.finalizers().iter().any(|finalizer| finalizer == FINALIZER),
         storage: image.spec.storage,
+        storage_class: image
+            .spec
+            .persistent_volume_claim
+            .as_ref()
+            .and_then(|claim| claim.storage_class_name.as_deref()),
         data_source: &image.spec.data_source,
         status: &status,
     };
@@ -59,6 +65,7 @@ pub async fn reconcile_cluster_virtual_image(
         deleting: image.meta().deletion_timestamp.is_some(),
         has_finalizer: image.finalizers().iter().any(|finalizer| finalizer == FINALIZER),
         storage: ImageStorage::ContainerRegistry,
+        storage_class: None,
         data_source: &image.spec.data_source,
         status: &status,
     };
@@ -102,8 +109,28 @@ async fn observe(context: &Context, view: &ImageView<'_>) -> Result<ImageObserve
         _ => None,
     };
 
+    let in_claim = match view.kind {
+        ImageKind::VirtualImage { namespace } if view.storage == ImageStorage::PersistentVolumeClaim && !view.deleting => {
+            Some(namespace)
+        }
+        _ => None,
+    };
+    let (provisioner, claim) = match in_claim {
+        Some(namespace) => {
+            let provisioner = observe_worker(context, namespace, &provisioner_name(view.uid)).await?;
+            let claim_name = image_claim_name(view.name, view.uid);
+            let claim = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), namespace)
+                .get_opt(&claim_name)
+                .await
+                .map_err(Error::kube(format!("reading PVC {namespace}/{claim_name}")))?
+                .map(|claim| claim_state(&claim));
+            (provisioner, claim)
+        }
+        None => (WorkerState::Absent, None),
+    };
+
     let stored = match view.status.phase {
-        Some(ImagePhase::Ready) | Some(ImagePhase::ImageLost) if !view.deleting => {
+        Some(ImagePhase::Ready) | Some(ImagePhase::ImageLost) if !view.deleting && in_claim.is_none() => {
             let repository = view.repository(&context.workers.registry_host);
             let client = context.registry(&[(&repository, &["pull"])])?;
             match client.manifest_exists(&repository, view.uid).await {
@@ -119,6 +146,8 @@ async fn observe(context: &Context, view: &ImageView<'_>) -> Result<ImageObserve
     };
     Ok(ImageObserved {
         worker,
+        provisioner,
+        claim,
         source,
         stored,
         now: k8s_openapi::jiff::Timestamp::now(),
@@ -184,7 +213,7 @@ pub(super) async fn observe_source(
     };
     Ok(match found {
         None => SourceImage::Missing,
-        Some((status, uid)) => source_image(status.as_ref(), uid.as_deref()),
+        Some((status, uid)) => source_image(status.as_ref(), uid.as_deref(), namespace),
     })
 }
 

@@ -103,8 +103,8 @@ async fn observe(context: &Context, view: &MachineView<'_>) -> Result<MachineObs
                 match observe_source(context, kind, scope, name).await? {
                     SourceImage::Missing => DeviceState::Missing,
                     SourceImage::NotReady(phase) => DeviceState::NotReady(phase),
-                    SourceImage::Ready { registry_url, cdrom, .. } => DeviceState::Ready(ResolvedDevice::Image {
-                        registry_url,
+                    SourceImage::Ready { location, cdrom, .. } => DeviceState::Ready(ResolvedDevice::Image {
+                        location,
                         cdrom: cdrom.unwrap_or(false),
                     }),
                 }

@@ -427,6 +427,7 @@ async fn run_controllers(client: Client, settings: Settings) -> Result<(), Error
     let machine_store = machine_controller.store();
     let virtual_images = image_controller
         .owns(Api::<Pod>::all(client.clone()), workers.clone())
+        .owns(Api::<PersistentVolumeClaim>::all(client.clone()), workers.clone())
         .shutdown_on_signal()
         .run(
             |object, context| reported(object, context, images::reconcile_virtual_image),

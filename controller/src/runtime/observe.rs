@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::api::image::{ImagePhase, ImageStatus};
 use crate::reconcile::image::SourceImage;
+use crate::reconcile::provision::ImageLocation;
 use crate::reconcile::WorkerState;
 
 /// What a worker Pod says about its work. `metrics` is its progress page,
@@ -75,15 +76,26 @@ pub fn worker_state(pod: Option<&Pod>, metrics: Option<String>) -> WorkerState {
     }
 }
 
-/// The state of an image an `objectRef` names, from its status.
-pub fn source_image(status: Option<&ImageStatus>, uid: Option<&str>) -> SourceImage {
+/// The state of an image an `objectRef` names, from its status; a
+/// VirtualImage's `namespace` is where its PVC is, when it is kept in one.
+pub fn source_image(status: Option<&ImageStatus>, uid: Option<&str>, namespace: Option<&str>) -> SourceImage {
     let Some(status) = status else {
         return SourceImage::NotReady(None);
     };
-    let registry_url = status.target.as_ref().and_then(|target| target.registry_url.clone());
-    match (status.phase, registry_url, uid) {
-        (Some(ImagePhase::Ready), Some(registry_url), Some(uid)) => SourceImage::Ready {
-            registry_url,
+    let target = status.target.as_ref();
+    let location = match (target.and_then(|target| target.registry_url.clone()), namespace) {
+        (Some(registry_url), _) => Some(ImageLocation::Registry(registry_url)),
+        (None, Some(namespace)) => target
+            .and_then(|target| target.persistent_volume_claim_name.clone())
+            .map(|name| ImageLocation::Claim {
+                namespace: namespace.to_string(),
+                name,
+            }),
+        (None, None) => None,
+    };
+    match (status.phase, location, uid) {
+        (Some(ImagePhase::Ready), Some(location), Some(uid)) => SourceImage::Ready {
+            location,
             uid: uid.to_string(),
             size: status.size.clone(),
             format: status.format.clone(),
@@ -191,25 +203,39 @@ mod tests {
     }
 
     #[test]
-    fn source_images_are_ready_only_with_a_registry_url() {
+    fn source_images_are_ready_only_with_a_registry_url_or_their_pvc() {
         let mut status = ImageStatus {
             phase: Some(ImagePhase::Ready),
             ..ImageStatus::default()
         };
-        assert_eq!(source_image(Some(&status), Some("u")), SourceImage::NotReady(Some("Ready".into())));
+        assert_eq!(source_image(Some(&status), Some("u"), None), SourceImage::NotReady(Some("Ready".into())));
+        status.target = Some(crate::api::image::ImageTarget {
+            registry_url: None,
+            persistent_volume_claim_name: Some("vi-x-u".into()),
+        });
+        assert!(matches!(
+            source_image(Some(&status), Some("u"), Some("vms")),
+            SourceImage::Ready { location: ImageLocation::Claim { namespace, name }, .. }
+                if namespace == "vms" && name == "vi-x-u"
+        ));
+        assert_eq!(
+            source_image(Some(&status), Some("u"), None),
+            SourceImage::NotReady(Some("Ready".into())),
+            "a PVC without a namespace (no cluster image is kept in one) is nowhere"
+        );
         status.target = Some(crate::api::image::ImageTarget {
             registry_url: Some("r/cvi/x:u".into()),
             persistent_volume_claim_name: None,
         });
         status.format = Some("iso".into());
         assert!(matches!(
-            source_image(Some(&status), Some("u")),
-            SourceImage::Ready { registry_url, format: Some(format), .. }
-                if registry_url == "r/cvi/x:u" && format == "iso"
+            source_image(Some(&status), Some("u"), None),
+            SourceImage::Ready { location: ImageLocation::Registry(url), format: Some(format), .. }
+                if url == "r/cvi/x:u" && format == "iso"
         ));
         status.phase = Some(ImagePhase::Provisioning);
-        assert_eq!(source_image(Some(&status), Some("u")), SourceImage::NotReady(Some("Provisioning".into())));
-        assert_eq!(source_image(None, Some("u")), SourceImage::NotReady(None));
+        assert_eq!(source_image(Some(&status), Some("u"), None), SourceImage::NotReady(Some("Provisioning".into())));
+        assert_eq!(source_image(None, Some("u"), None), SourceImage::NotReady(None));
     }
 
     #[test]

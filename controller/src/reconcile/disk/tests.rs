@@ -3,7 +3,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use super::*;
 use crate::api::common::{DataSource, DataSourceType, HttpSource, ImageSize, ObjectRefSource};
 use crate::api::disk::DiskPersistentVolumeClaim;
-use crate::workload::VolumeMode;
+use crate::workload::{VolumeMode, WorkerPod};
 
 const UID: &str = "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9";
 const IMAGE: &str = "dvcr.dvcr.svc/cvi/noble:cafe";
@@ -50,7 +50,7 @@ fn view<'a>(spec: &'a VirtualDiskSpec, status: &'a VirtualDiskStatus) -> DiskVie
 
 fn ready_image(virtual_bytes: u64) -> SourceImage {
     SourceImage::Ready {
-        registry_url: IMAGE.into(),
+        location: ImageLocation::Registry(IMAGE.into()),
         uid: "cafe".into(),
         size: Some(ImageSize {
             unpacked_bytes: Some(virtual_bytes.to_string()),
@@ -159,6 +159,53 @@ fn a_disk_from_an_image_gets_a_pvc_and_a_provisioner_in_one_step() {
         plan.status.target.as_ref().and_then(|target| target.persistent_volume_claim_name.clone()),
         Some(format!("vd-root-{UID}"))
     );
+}
+
+/// A disk from a VirtualImage kept in a PVC: the provisioner mounts that
+/// PVC read-only and copies its raw image, never probed, for the image's
+/// length.
+#[test]
+fn a_disk_from_an_image_kept_in_a_pvc_copies_that_pvc() {
+    let mut source = from_image();
+    if let Some(object) = source.as_mut().and_then(|source| source.object_ref.as_mut()) {
+        object.kind = ObjectRefKind::VirtualImage;
+    }
+    let disk = spec(Some("20Gi"), source);
+    let status = VirtualDiskStatus::default();
+    let mut in_claim = ready_image(10 * GIB);
+    if let SourceImage::Ready { location, .. } = &mut in_claim {
+        *location = ImageLocation::Claim {
+            namespace: "vms".into(),
+            name: "vi-noble-cafe".into(),
+        };
+    }
+    let plan = reconcile(
+        &view(&disk, &status),
+        &observed(WorkerState::Absent, None, Some(in_claim)),
+        &config(VolumeMode::Filesystem),
+    );
+    let pod = pods(&plan)[0];
+    assert_eq!(
+        pod.args[..7],
+        [
+            "convert".to_string(),
+            "/source/disk.img".into(),
+            "--source-format".into(),
+            "raw".into(),
+            format!("--source-length={}", 10 * GIB),
+            "/disk/disk.img".into(),
+            "-O".into(),
+        ]
+    );
+    let shaped = serde_json::to_value(pod.pod(&config(VolumeMode::Filesystem))).unwrap_or_default();
+    let mounts = shaped["spec"]["containers"][0]["volumeMounts"].as_array().cloned().unwrap_or_default();
+    let source_mount = mounts.iter().find(|mount| mount["name"] == "source").cloned().unwrap_or_default();
+    assert_eq!((source_mount["mountPath"].as_str(), source_mount["readOnly"].as_bool()), (Some("/source"), Some(true)));
+    let volumes = shaped["spec"]["volumes"].as_array().cloned().unwrap_or_default();
+    let source_volume = volumes.iter().find(|volume| volume["name"] == "source").cloned().unwrap_or_default();
+    assert_eq!(source_volume["persistentVolumeClaim"]["claimName"], "vi-noble-cafe");
+    assert_eq!(source_volume["persistentVolumeClaim"]["readOnly"], true);
+    assert_eq!(claim_request(&plan), Some(VolumeMode::Filesystem.claim_bytes(20 * GIB).to_string()));
 }
 
 #[test]

@@ -45,6 +45,7 @@ fn view<'a>(source: &'a DataSource, status: &'a ImageStatus) -> ImageView<'a> {
         deleting: false,
         has_finalizer: true,
         storage: ImageStorage::ContainerRegistry,
+        storage_class: None,
         data_source: source,
         status,
     }
@@ -53,6 +54,8 @@ fn view<'a>(source: &'a DataSource, status: &'a ImageStatus) -> ImageView<'a> {
 fn observed(worker: WorkerState) -> ImageObserved {
     ImageObserved {
         worker,
+        provisioner: WorkerState::Absent,
+        claim: None,
         source: None,
         stored: None,
         now: Timestamp::from_second(1_800_000_000).unwrap_or(Timestamp::UNIX_EPOCH),
@@ -494,7 +497,7 @@ fn object_refs_wait_for_their_source_then_copy_in_the_registry() {
         ..ImageSize::default()
     };
     look.source = Some(SourceImage::Ready {
-        registry_url: "dvcr.dvcr.svc/cvi/base:cafe".into(),
+        location: ImageLocation::Registry("dvcr.dvcr.svc/cvi/base:cafe".into()),
         uid: "cafe".into(),
         size: Some(size.clone()),
         format: Some("iso".into()),
@@ -612,10 +615,6 @@ fn refusals_name_what_to_change() {
     let plan = reconcile(&view(&empty, &status), &observed(WorkerState::Absent), &config());
     assert_eq!(condition(&plan.status, types::READY).2, "dataSource.type is Http but dataSource.http is missing");
     let source = http_source();
-    let mut pvc = view(&source, &status);
-    pvc.storage = ImageStorage::PersistentVolumeClaim;
-    let plan = reconcile(&pvc, &observed(WorkerState::Absent), &config());
-    assert_eq!(condition(&plan.status, types::READY).1, "StorageNotSupported");
     let mut plain = config();
     plain.registry_plain_http = true;
     plain.registry_ca_bundle = None;
@@ -624,3 +623,5 @@ fn refusals_name_what_to_change() {
     assert!(args.contains(&"--plain-http".to_string()));
     assert!(!args.iter().any(|arg| arg.starts_with("--registry-ca-bundle")));
 }
+
+mod in_claim;
