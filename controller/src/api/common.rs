@@ -162,6 +162,13 @@ pub struct ImageSize {
     pub unpacked_bytes: Option<String>,
 }
 
+impl ImageSize {
+    /// The virtual size in bytes, when given and a number.
+    pub fn virtual_bytes(&self) -> Option<u64> {
+        self.unpacked_bytes.as_deref()?.parse().ok()
+    }
+}
+
 /// Where an upload can be sent.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -16,7 +16,7 @@ use super::import_worker::ImportJob;
 pub use super::provision::ClaimState;
 use super::provision::{self, ClaimTarget, CopyObserved, CopyStep, ImageLocation, ProvisionSource, Provisioned};
 use super::{Action, Plan, Refusal, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
-use crate::api::common::{DataSourceType, ObjectRefKind};
+use crate::api::common::{DataSourceType, ImageSize, ObjectRefKind};
 use crate::api::disk::{DiskPhase, DiskTarget, VirtualDiskSpec, VirtualDiskStatus};
 use crate::conditions::{self, types, Desired, Setter};
 use crate::import::{human_bytes, repository, ImageOwner};
@@ -402,8 +402,7 @@ fn provision(
                 Some(SourceImage::Ready { location, size, .. }) => {
                     let virtual_bytes = size
                         .as_ref()
-                        .and_then(|size| size.unpacked_bytes.as_deref())
-                        .and_then(|bytes| bytes.parse::<u64>().ok())
+                        .and_then(ImageSize::virtual_bytes)
                         .ok_or_else(|| Refusal {
                             reason: "InvalidDataSource",
                             message: format!("{described} does not report its virtual size"),

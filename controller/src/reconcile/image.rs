@@ -377,8 +377,7 @@ fn fill_claim(
         };
         let virtual_bytes = size
             .as_ref()
-            .and_then(|size| size.unpacked_bytes.as_deref())
-            .and_then(|bytes| bytes.parse::<u64>().ok())
+            .and_then(ImageSize::virtual_bytes)
             .ok_or_else(|| Refusal {
                 reason: "InvalidDataSource",
                 message: format!("the image in {location} does not report its virtual size"),

@@ -150,12 +150,7 @@ pub fn import_copy<S: ShowsImport>(
         return Ok(CopyStep::Importing);
     };
     let format = &stored.format;
-    let virtual_bytes = stored
-        .size
-        .unpacked_bytes
-        .as_deref()
-        .and_then(|bytes| bytes.parse::<u64>().ok())
-        .ok_or_else(|| Refusal {
+    let virtual_bytes = stored.size.virtual_bytes().ok_or_else(|| Refusal {
             reason: "ImporterFailed",
             message: "the importer's report lacks the image's virtual size".into(),
         })?;
