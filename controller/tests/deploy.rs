@@ -3,6 +3,9 @@
 //! parses as Kubernetes objects, and the user roles are the reference's
 //! role matrix.
 
+#[path = "support/discovery.rs"]
+mod discovery;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,10 +23,20 @@ fn deploy_dir() -> PathBuf {
 }
 
 fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
+    // No cluster is involved: nothing may reach for one.
+    let output = kubectl_with(args, stdin, Path::new("/nonexistent"));
+    assert!(
+        output.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn kubectl_with(args: &[&str], stdin: Option<&str>, kubeconfig: &Path) -> std::process::Output {
     let mut child = Command::new("kubectl")
         .args(args)
-        // No cluster is involved: nothing may reach for one.
-        .env("KUBECONFIG", "/nonexistent")
+        .env("KUBECONFIG", kubeconfig)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -44,13 +57,7 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
             .write_all(input.as_bytes())
             .unwrap();
     }
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "kubectl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    child.wait_with_output().unwrap()
 }
 
 fn documents(yaml: &str) -> Vec<Value> {
@@ -157,8 +164,8 @@ fn every_overlay_renders_and_parses_as_kubernetes_objects() {
             ],
             None,
         );
-        // kubectl's own decoder, offline (`apply --dry-run=client` would ask
-        // an API server for discovery, and none can run here).
+        // kubectl's own decoder, offline (`apply --dry-run=client`, which
+        // asks an API server for discovery, is the next test's).
         let listed = kubectl(
             &[
                 "label",
@@ -403,4 +410,79 @@ fn the_controller_is_granted_exactly_the_requests_it_makes() {
     assert!(env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"), "{env:?}");
     let args: Vec<&str> = container["args"].as_array().into_iter().flatten().filter_map(|arg| arg.as_str()).collect();
     assert_eq!(args[1..3], ["controller", "run"]);
+}
+
+/// `kubectl apply --dry-run=client --validate=false -f -` of every overlay,
+/// against an in-process API server that knows Kubernetes' own kinds and
+/// no object yet (a fresh cluster; `support/discovery.rs`): kubectl maps
+/// every object to a kind the server serves and plans to create it. A kind
+/// at an API version Kubernetes does not serve fails it, as it would fail
+/// an install.
+#[test]
+fn every_overlay_applies_with_kubectl_apply_dry_run_client() {
+    use k8s_openapi::api::{apps, coordination, core, networking, rbac, storage};
+    let server = discovery::DiscoveryServer::start(vec![
+        discovery::kind::<Namespace>(),
+        discovery::kind::<ServiceAccount>(),
+        discovery::kind::<Service>(),
+        discovery::kind::<PersistentVolumeClaim>(),
+        discovery::kind::<core::v1::ConfigMap>(),
+        discovery::kind::<core::v1::Secret>(),
+        discovery::kind::<core::v1::Pod>(),
+        discovery::kind::<core::v1::Node>(),
+        discovery::kind::<core::v1::Event>(),
+        discovery::kind::<apps::v1::Deployment>(),
+        discovery::kind::<apps::v1::StatefulSet>(),
+        discovery::kind::<apps::v1::DaemonSet>(),
+        discovery::kind::<ClusterRole>(),
+        discovery::kind::<rbac::v1::ClusterRoleBinding>(),
+        discovery::kind::<rbac::v1::Role>(),
+        discovery::kind::<rbac::v1::RoleBinding>(),
+        discovery::kind::<CustomResourceDefinition>(),
+        discovery::kind::<coordination::v1::Lease>(),
+        discovery::kind::<networking::v1::Ingress>(),
+        discovery::kind::<storage::v1::StorageClass>(),
+    ]);
+    let kubeconfig = std::env::temp_dir().join(format!("dvcr-deploy-test-{}.kubeconfig", std::process::id()));
+    server.write_kubeconfig(&kubeconfig);
+    let apply = ["apply", "--dry-run=client", "--validate=false", "-f", "-"];
+    for overlay in ["pvc", "s3"] {
+        let path = deploy_dir().join("overlays").join(overlay);
+        let rendered = kubectl(&["kustomize", path.to_str().unwrap()], None);
+        let objects = documents(&rendered);
+        let output = kubectl_with(&apply, Some(&rendered), &kubeconfig);
+        let said = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "{overlay}: kubectl apply --dry-run=client failed: {}{said}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for object in &objects {
+            let kind = object["kind"].as_str().unwrap_or_default().to_lowercase();
+            let group = object["apiVersion"].as_str().unwrap_or_default().split_once('/').map(|(group, _)| group);
+            let name = object["metadata"]["name"].as_str().unwrap_or_default();
+            let line = match group {
+                Some(group) => format!("{kind}.{group}/{name} created (dry run)"),
+                None => format!("{kind}/{name} created (dry run)"),
+            };
+            assert!(said.lines().any(|said| said == line), "{overlay}: no {line:?} in:\n{said}");
+            // kubectl asked the server whether the object exists.
+            let plural = object["kind"].as_str().map(str::to_lowercase).unwrap_or_default();
+            assert!(
+                server.requests().iter().any(|request| request.starts_with("GET ")
+                    && request.contains(&format!("/{plural}"))
+                    && request.ends_with(&format!("/{name}"))),
+                "{overlay}: kubectl never looked for {line}"
+            );
+        }
+        assert_eq!(said.lines().count(), objects.len(), "{overlay}: one line per object:\n{said}");
+    }
+
+    // The check has teeth: an API version Kubernetes no longer serves fails.
+    let retired = "apiVersion: rbac.authorization.k8s.io/v1beta1\nkind: ClusterRole\nmetadata: {name: old}\nrules: []\n";
+    let output = kubectl_with(&apply, Some(retired), &kubeconfig);
+    assert!(!output.status.success(), "a retired API version was accepted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no matches for kind \"ClusterRole\""), "{stderr}");
+    let _ = std::fs::remove_file(&kubeconfig);
 }
