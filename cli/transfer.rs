@@ -68,6 +68,16 @@ pub struct PushArgs {
     verify_layer_digest: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SourceFormatArg {
+    /// Detected from the content, wrappers unpacked.
+    Auto,
+    /// A raw disk, stored as it is.
+    Raw,
+    /// An ISO 9660 image, stored as it is.
+    Iso,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum StoredFormat {
     /// The source's own format (qcow2 stays qcow2).
@@ -108,6 +118,13 @@ pub struct ImportArgs {
     /// Delay before the first retry, in milliseconds (doubled each time).
     #[arg(long, default_value_t = 1000)]
     retry_delay_ms: u64,
+    /// The source's format: detected (and unwrapped), or raw or iso stored as it is, never probed (a raw
+    /// disk may start with anything its guest wrote, even an image header).
+    #[arg(long, value_enum, default_value_t = SourceFormatArg::Auto)]
+    source_format: SourceFormatArg,
+    /// Read only the first BYTES of a file or device source (an image on a block device larger than the image).
+    #[arg(long, value_name = "BYTES")]
+    source_length: Option<u64>,
     #[command(flatten)]
     push: PushArgs,
     #[command(flatten)]
@@ -201,6 +218,7 @@ impl PushArgs {
             convert_to_raw: matches!(self.format, StoredFormat::Raw),
             xz_unpacked_size: None,
             hash_layer: self.verify_layer_digest,
+            forced_format: None,
         }
     }
 }
@@ -263,13 +281,21 @@ async fn import(args: ImportArgs) -> Result<(), CommandFailure> {
             source: dvcr_importer::import::Source::parse(&args.source)?,
             registry: args.push.client_options(&destination)?,
             destination,
-            pipeline: args.push.pipeline(args.checksums.clone()),
+            pipeline: PipelineOptions {
+                forced_format: match args.source_format {
+                    SourceFormatArg::Auto => None,
+                    SourceFormatArg::Raw => Some(dvcr_converter::detect::ImageFormat::Raw),
+                    SourceFormatArg::Iso => Some(dvcr_converter::detect::ImageFormat::Iso),
+                },
+                ..args.push.pipeline(args.checksums.clone())
+            },
             source_ca_bundle: read_optional(&args.ca_bundle, "CA bundle")?,
             retry: dvcr_importer::http_source::RetryPolicy {
                 retries: args.retries,
                 first_delay: Duration::from_millis(args.retry_delay_ms),
             },
             source_auth: read_optional(&args.push.auth_file, "auth file")?,
+            source_length: args.source_length,
         })
     })();
     let outcome = match request {
@@ -398,6 +424,7 @@ pub fn upload_sessions(listening: SocketAddr, lifetime: Duration) -> anyhow::Res
         convert_to_raw: false,
         xz_unpacked_size: None,
         hash_layer: false,
+        forced_format: None,
     };
     Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options, lifetime))))
 }

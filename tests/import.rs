@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -300,6 +300,52 @@ fn local_files_standard_input_and_copies_within_the_registry() {
     assert_eq!(report["source-image-size"], expected.len() as u64);
     assert_disk(&server, "cvi/copied", "uid2", "local.qcow2", &expected);
     assert!(server.log().contains("blob mounted"), "the copy moved data instead of mounting");
+}
+
+/// `--source-format raw|iso` stores a file as it is, never unwrapped or
+/// probed (how the controller stores an image kept in a PVC, whose raw
+/// disk may start with anything its guest wrote), and `--source-length`
+/// reads only the image's length of a larger device.
+#[test]
+fn known_formats_are_stored_unprobed_and_cut_to_their_length() {
+    let directory = tempfile::tempdir().unwrap();
+    let qcow2 = make_qcow2(directory.path(), "looks-like.qcow2");
+    let expected = std::fs::read(&qcow2).unwrap();
+    let server = Server::start(&directory.path().join("registry"));
+    let registry = &server.address;
+
+    let report = import_ok(&qcow2.display().to_string(), &format!("{registry}/vi/vms/raw:uid"), &["--source-format", "raw"]);
+    assert_eq!(report["source-image-format"], "raw");
+    assert_eq!(report["source-image-virtual-size"], expected.len() as u64, "a raw disk is as large as it is");
+    assert_disk(&server, "vi/vms/raw", "uid", "looks-like.qcow2", &expected);
+
+    // A volume larger than the image: only the image is stored.
+    let volume = directory.path().join("volume");
+    std::fs::copy(&qcow2, &volume).unwrap();
+    std::fs::OpenOptions::new().append(true).open(&volume).unwrap().write_all(&pseudo_random(1 << 20, 13)).unwrap();
+    let length = expected.len().to_string();
+    let report = import_ok(
+        &volume.display().to_string(),
+        &format!("{registry}/vi/vms/cut:uid"),
+        &["--source-format", "iso", "--source-length", &length],
+    );
+    assert_eq!((report["source-image-format"].as_str(), report["source-image-virtual-size"].as_u64()), (Some("iso"), Some(expected.len() as u64)));
+    assert_disk(&server, "vi/vms/cut", "uid", "volume", &expected);
+
+    let too_long = (expected.len() as u64 + (2 << 20)).to_string();
+    let output = dvcr_import(&volume.display().to_string(), &format!("{registry}/vi/vms/long:uid"), &["--source-length", &too_long]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("--source-length {too_long} is longer than")));
+    let output = Command::new(DVCR)
+        .args(["import", "-", &format!("{registry}/vi/vms/piped:uid"), "--source-format", "raw"])
+        .stdin(std::fs::File::open(&qcow2).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("needs a source of known length"));
+    for repository in ["vi/vms/long", "vi/vms/piped"] {
+        assert!(tags(&server, repository).is_empty(), "{repository}: a refused import tagged something");
+    }
 }
 
 /// A boot sector that prints `DVCR-BOOT-OK` on the first serial port and

@@ -73,10 +73,19 @@ pub struct ImportRequest {
     pub retry: RetryPolicy,
     /// A dockerconfigjson document with credentials for a source registry.
     pub source_auth: Option<Vec<u8>>,
+    /// Read only this many bytes of a file source (an image on a block
+    /// device larger than the image).
+    pub source_length: Option<u64>,
 }
 
 /// Runs one import.
 pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<Report, ImportError> {
+    if request.source_length.is_some() && !matches!(request.source, Source::File(_)) {
+        return Err(ImportError::Usage("--source-length reads a file or a device only".into()));
+    }
+    if request.pipeline.forced_format.is_some() && matches!(request.source, Source::Registry(_)) {
+        return Err(ImportError::Usage("--source-format is for a file, a device, a URL or standard input".into()));
+    }
     let mut client = RegistryClient::new(&request.destination, &request.registry)?;
     let destination = &request.destination;
     if let Source::Registry(from) = &request.source {
@@ -102,14 +111,28 @@ pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<R
         }
         Source::File(path) => {
             let file = std::fs::File::open(path).map_err(ImportError::SourceRead)?;
-            let length = file.metadata().map_err(ImportError::SourceRead)?.len();
+            // A block device's metadata says 0: its size is where it ends.
+            use dvcr_converter::source::ReadAt;
+            let size = dvcr_converter::source::FileSource::new(file.try_clone().map_err(ImportError::SourceRead)?)
+                .map_err(ImportError::SourceRead)?
+                .size();
+            let length = match request.source_length {
+                Some(length) if length > size => {
+                    return Err(ImportError::Usage(format!(
+                        "--source-length {length} is longer than {} ({size} bytes)",
+                        path.display()
+                    )))
+                }
+                Some(length) => length,
+                None => size,
+            };
             let tail_start = length - XZ_TAIL.min(length);
             let mut tail = vec![0u8; (length - tail_start) as usize];
             if std::os::unix::fs::FileExt::read_exact_at(&file, &mut tail, tail_start).is_ok() {
                 options.xz_unpacked_size = dvcr_converter::unwrap::xz_unpacked_size(&tail, length);
             }
             options.file_name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-            (Box::new(file), Some(length))
+            (Box::new(file.take(length)), Some(length))
         }
         Source::Stdin => {
             options.file_name = "disk.img".into();

@@ -60,6 +60,10 @@ pub struct PipelineOptions {
     /// anyway. Off, one SHA-256 pass is saved: the registry hashes every
     /// byte it receives in any case.
     pub hash_layer: bool,
+    /// The source's format as the caller knows it (`Raw` or `Iso`): stored
+    /// as it is, never unwrapped or probed (`--source-format`). A raw disk
+    /// may start with anything its guest wrote, even an image header.
+    pub forced_format: Option<ImageFormat>,
 }
 
 /// Facts about the stored image.
@@ -126,6 +130,33 @@ pub fn build_layer(
     sink: impl Write,
 ) -> Result<(ImageFacts, LayerFacts), ImportError> {
     let mut counted = Checksums::reader(source, &options.checksums, progress);
+    if let Some(format) = options.forced_format {
+        let length = source_length.ok_or_else(|| {
+            ImportError::Usage("--source-format needs a source of known length: a file, a device or a URL".into())
+        })?;
+        if length == 0 {
+            return Err(ImportError::EmptySource);
+        }
+        if length > options.max_virtual_size {
+            return Err(ImportError::TooLarge(options.max_virtual_size));
+        }
+        let mut tail = Tail::default();
+        let mut data = ExactLength {
+            inner: &mut counted,
+            remaining: length,
+            tail: &mut tail,
+        };
+        let layer = write_layer(&mut data, length, &options.file_name, options, sink)?;
+        counted.verify()?;
+        let facts = ImageFacts {
+            stored_size: length,
+            virtual_size: length,
+            format,
+            file_name: options.file_name.clone(),
+            unpacked_from: None,
+        };
+        return Ok((facts, layer));
+    }
     let mut head = vec![0u8; HEAD_BYTES];
     let length = unwrap::read_up_to(&mut counted, &mut head).map_err(ImportError::source_read)?;
     head.truncate(length);
