@@ -710,9 +710,47 @@ fn an_image_kept_in_a_pvc_is_written_there_and_a_disk_is_copied_from_that_pvc() 
         &DiskObserved {
             provisioner: WorkerState::Succeeded { report: String::new() },
             claim: Some(bound(VolumeMode::Filesystem.claim_bytes(24 << 20))),
-            ..disk_look
+            ..disk_look.clone()
         },
         &config,
     );
     assert_eq!(done.status.phase, Some(DiskPhase::Ready), "{:?}", done.status.conditions);
+
+    // A ClusterVirtualImage from it: an importer in the image's namespace
+    // reads that PVC and stores the raw disk in the registry.
+    let cluster_source = DataSource {
+        source_type: DataSourceType::ObjectRef,
+        http: None,
+        container_image: None,
+        object_ref: Some(ObjectRefSource {
+            kind: ObjectRefKind::VirtualImage,
+            name: "ubuntu".into(),
+            namespace: Some("vms".into()),
+        }),
+    };
+    let cluster_status = ImageStatus::default();
+    let cluster_view = ImageView {
+        kind: ImageKind::ClusterVirtualImage,
+        name: "jammy",
+        ..view(&cluster_source, &cluster_status)
+    };
+    let mut cluster_look = observed(WorkerState::Absent);
+    cluster_look.source = disk_look.source.clone();
+    let plan = reconcile(&cluster_view, &cluster_look, &config);
+    let (secret, pod) = planned(&plan);
+    assert_eq!((pod.component, pod.key.namespace.as_str()), ("importer", "vms"));
+    cluster.mount_secret(secret, &cluster.root.join("cluster-importer/secret"));
+    let (mut args, report) = cluster.local_args(pod, "cluster-importer", &[("0.0.0.0:8090", free_port())]);
+    for arg in args.iter_mut().filter(|arg| *arg == "/source/disk.img") {
+        *arg = image_disk.display().to_string();
+    }
+    let output = Command::new(DVCR).args(&args).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    let stored = layer_of(&cluster, &format!("cvi/jammy:{UID}"));
+    assert!(stored[1024..1024 + expected.len()] == expected[..], "the stored disk differs from the image");
+    assert_eq!(stored.len(), 1024 + expected.len() + 1024, "one disk of the image's length, then the tar's end");
+    cluster_look.worker = finished(&output, &report);
+    let done = reconcile(&ImageView { status: &plan.status, ..cluster_view }, &cluster_look, &config);
+    assert_eq!(done.status.phase, Some(ImagePhase::Ready), "{:?}", done.status.conditions);
+    assert_eq!(done.status.format.as_deref(), Some("raw"));
 }

@@ -141,6 +141,36 @@ pub fn import_args(
         DataSourceType::Upload => return Err(ImportSpecError::UploadHasNoImporter),
     }
     args.push(destination.to_string());
+    push_worker_flags(&mut args, files, owner_uid, metrics_listen);
+    Ok(args)
+}
+
+/// The arguments of `dvcr` in an importer Pod reading an image kept in a
+/// PVC, mounted at `path`: stored as the raw disk (or ISO) it is, never
+/// probed, for its `bytes` only (a volume may be larger than its image).
+pub fn claim_import_args(
+    path: &str,
+    bytes: u64,
+    cdrom: bool,
+    destination: &str,
+    owner_uid: &str,
+    files: &MountedFiles,
+    metrics_listen: &str,
+) -> Vec<String> {
+    let format = if cdrom { "iso" } else { "raw" };
+    let mut args = vec![
+        "import".to_string(),
+        path.to_string(),
+        destination.to_string(),
+        format!("--source-format={format}"),
+        format!("--source-length={bytes}"),
+    ];
+    push_worker_flags(&mut args, files, owner_uid, metrics_listen);
+    args
+}
+
+/// Credentials, progress gauges and the report file of an importer.
+fn push_worker_flags(args: &mut Vec<String>, files: &MountedFiles, owner_uid: &str, metrics_listen: &str) {
     let optional = [
         ("--ca-bundle", &files.source_ca_bundle),
         ("--auth-file", &files.auth_file),
@@ -155,7 +185,6 @@ pub fn import_args(
     args.push(format!("--owner-uid={owner_uid}"));
     args.push(format!("--metrics-listen={metrics_listen}"));
     args.push("--report-file=/dev/termination-log".to_string());
-    Ok(args)
 }
 
 /// Progress of a running import, as read from its gauges.

@@ -370,6 +370,7 @@ fn provision(
                 progress_share: 0.5,
                 upload_urls: view.status.image_upload_urls.as_ref(),
                 upload_seen: view.status.phase == Some(DiskPhase::Provisioning),
+                claim_source: None,
             };
             let copy_observed = CopyObserved {
                 importer: &observed.importer,

@@ -13,7 +13,7 @@
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::import_worker::{self, ImportJob, StoredImage};
+use super::import_worker::{self, ClaimSource, ImportJob, StoredImage};
 use super::provision::{self, ClaimState, ClaimTarget, CopyObserved, CopyStep, ImageLocation, ProvisionSource, Provisioned};
 use super::{Action, Plan, Refusal, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
 use crate::api::common::{DataSource, DataSourceType, ImageSize, ObjectRefKind};
@@ -140,12 +140,16 @@ impl ImageView<'_> {
         }
     }
 
-    /// Where its workers run: a VirtualImage's namespace, or the
+    /// Where its workers run: a VirtualImage's namespace; for a
+    /// ClusterVirtualImage made from a VirtualImage, that image's namespace
+    /// (where a PVC keeping it can be mounted; no worker is needed for one
+    /// in the registry); else the
     /// controller's for a ClusterVirtualImage.
     pub fn worker_namespace<'a>(&'a self, config: &'a WorkerConfig) -> &'a str {
-        match self.kind {
-            ImageKind::VirtualImage { namespace } => namespace,
-            ImageKind::ClusterVirtualImage => &config.controller_namespace,
+        match (self.kind, self.source_object()) {
+            (ImageKind::VirtualImage { namespace }, _) => namespace,
+            (ImageKind::ClusterVirtualImage, Some((ObjectRefKind::VirtualImage, Some(namespace), _))) => namespace,
+            (ImageKind::ClusterVirtualImage, _) => &config.controller_namespace,
         }
     }
 
@@ -276,9 +280,11 @@ pub fn reconcile(view: &ImageView<'_>, observed: &ImageObserved, config: &Worker
     let target = format!("{}/{repository}:{}", config.registry_host, view.uid);
     let result = match (&claim_target, view.data_source.source_type) {
         (Some(claim_target), _) => fill_claim(view, observed, config, claim_target, &repository, &target, &mut plan),
-        (None, DataSourceType::ObjectRef) => copy_object(view, observed, &target, &mut plan),
+        (None, DataSourceType::ObjectRef) => {
+            copy_object(view, observed, config, (&namespace, &repository, &target), &mut plan)
+        }
         (None, DataSourceType::Upload | DataSourceType::Http | DataSourceType::ContainerImage) => {
-            run_worker(view, observed, config, &namespace, &repository, &target, &mut plan)
+            run_worker(view, observed, config, (&namespace, &repository, &target), None, &mut plan)
         }
     };
     if let Err(refusal) = result {
@@ -348,6 +354,7 @@ fn fill_claim(
             progress_share: 0.5,
             upload_urls: view.status.image_upload_urls.as_ref(),
             upload_seen: view.status.phase == Some(ImagePhase::Provisioning),
+            claim_source: None,
         };
         let copy_observed = CopyObserved {
             importer: &observed.worker,
@@ -471,11 +478,13 @@ fn ready(plan: &mut Plan<ImageStatus>, now: Timestamp, generation: Option<i64>, 
 }
 
 /// `objectRef`: wait for the source to be Ready, then copy it in the
-/// registry (a mount of its blobs and a new manifest tag).
+/// registry (a mount of its blobs and a new manifest tag); an image kept
+/// in a PVC is read from its volume by an importer instead.
 fn copy_object(
     view: &ImageView<'_>,
     observed: &ImageObserved,
-    target: &str,
+    config: &WorkerConfig,
+    (namespace, repository, target): (&str, &str, &str),
     plan: &mut Plan<ImageStatus>,
 ) -> Result<(), Refusal> {
     let Some(SourceImage::Ready {
@@ -488,21 +497,39 @@ fn copy_object(
     else {
         return Ok(());
     };
-    let ImageLocation::Registry(registry_url) = location else {
-        return Err(Refusal {
-            reason: "InvalidDataSource",
-            message: format!(
-                "the source image is kept in {location}, not in the registry; make this image from that \
-                 image's own source, or keep this one in a PVC too (a VirtualImage with storage: \
-                 PersistentVolumeClaim in the same namespace)"
-            ),
-        });
+    plan.status.source_uid = Some(uid.clone());
+    let registry_url = match location {
+        ImageLocation::Registry(registry_url) => registry_url,
+        ImageLocation::Claim {
+            namespace: claim_namespace,
+            name,
+        } => {
+            if claim_namespace != namespace {
+                return Err(Refusal {
+                    reason: "InvalidDataSource",
+                    message: format!(
+                        "the source image is kept in {location}, which a Pod in {namespace} cannot read; \
+                         make this image from that image's own source"
+                    ),
+                });
+            }
+            let virtual_bytes = size.as_ref().and_then(ImageSize::virtual_bytes).ok_or_else(|| Refusal {
+                reason: "InvalidDataSource",
+                message: format!("the image in {location} does not report its virtual size"),
+            })?;
+            let claim = ClaimSource {
+                claim_name: name,
+                virtual_bytes,
+                cdrom: cdrom.unwrap_or(false),
+                mode: config.disk_volume_mode,
+            };
+            return run_worker(view, observed, config, (namespace, repository, target), Some(claim), plan);
+        }
     };
     plan.actions.push(Action::CopyImage {
         from: registry_url.clone(),
         to: target.to_string(),
     });
-    plan.status.source_uid = Some(uid.clone());
     plan.status.size = size.clone();
     plan.status.format = format.clone();
     plan.status.cdrom = *cdrom;
@@ -562,16 +589,16 @@ fn ready_source<'a>(
     Ok(None)
 }
 
-/// `HTTP`, `ContainerImage`, `Upload`: a worker Pod imports or receives the
-/// image, reports progress on its gauges and the outcome in its termination
+/// `HTTP`, `ContainerImage`, `Upload` (or an `objectRef` image kept in a
+/// PVC, `claim_source`): a worker Pod imports or receives the image,
+/// reports progress on its gauges and the outcome in its termination
 /// message.
 fn run_worker(
     view: &ImageView<'_>,
     observed: &ImageObserved,
     config: &WorkerConfig,
-    namespace: &str,
-    repository: &str,
-    target: &str,
+    (namespace, repository, target): (&str, &str, &str),
+    claim_source: Option<ClaimSource<'_>>,
     plan: &mut Plan<ImageStatus>,
 ) -> Result<(), Refusal> {
     let job = ImportJob {
@@ -588,6 +615,7 @@ fn run_worker(
         progress_share: 1.0,
         upload_urls: view.status.image_upload_urls.as_ref(),
         upload_seen: view.status.phase == Some(ImagePhase::Provisioning),
+        claim_source,
     };
     let update = import_worker::drive(&job, &observed.worker, config, &observed.fresh_upload_token)?;
     let setter = Setter {

@@ -12,11 +12,11 @@ use crate::api::disk::{DiskPhase, VirtualDiskStatus};
 use crate::api::image::{ImagePhase, ImageStatus};
 use crate::conditions::{types, Setter};
 use crate::import::{
-    download_speed, import_args, parse_progress, parse_report, share_text, ImportOutcome, ImportSpecError,
+    claim_import_args, download_speed, import_args, parse_progress, parse_report, share_text, ImportOutcome, ImportSpecError,
     MountedFiles,
 };
 use crate::workload::{
-    importer_name, uploader_in_cluster_url, uploader_ingress, uploader_name, uploader_service, worker_secret_name,
+    importer_name, uploader_in_cluster_url, DiskVolume, VolumeMode, uploader_ingress, uploader_name, uploader_service, worker_secret_name,
     Owner, RepositoryAccess, SecretKey, WorkerConfig, WorkerPod, WorkerSecret, METRICS_PORT, SCRATCH_MOUNT,
     UPLOAD_PORT,
 };
@@ -47,6 +47,22 @@ pub struct ImportJob<'a> {
     /// Bytes of an upload were seen earlier (the resource left
     /// `WaitForUserUpload`).
     pub upload_seen: bool,
+    /// An `objectRef` image kept in a PVC, which the importer reads from
+    /// its volume (`None`: the source is `data_source`'s).
+    pub claim_source: Option<ClaimSource<'a>>,
+}
+
+/// An image kept in a PVC, read by an importer that mounts it read-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimSource<'a> {
+    /// The PVC, in the importer's namespace.
+    pub claim_name: &'a str,
+    /// The image's virtual size: what is read of the volume.
+    pub virtual_bytes: u64,
+    /// An ISO.
+    pub cdrom: bool,
+    /// How the PVC holds the image.
+    pub mode: VolumeMode,
 }
 
 /// Where the import is.
@@ -306,17 +322,16 @@ fn start(
     let uid = job.owner.uid.as_str();
     let secret = worker_secret(job, config)?;
     let files = secret.mounted_files();
-    let mut args = if upload {
-        upload_args(job.target, uid, &files, config)
-    } else {
-        import_args(
-            job.data_source,
-            job.target,
-            uid,
-            &files,
-            &format!("0.0.0.0:{METRICS_PORT}"),
-            |_, _, _| Err(ImportSpecError::MissingSource(DataSourceType::ObjectRef, "objectRef")),
-        )?
+    let metrics_listen = format!("0.0.0.0:{METRICS_PORT}");
+    let mut args = match (upload, &job.claim_source) {
+        (true, _) => upload_args(job.target, uid, &files, config),
+        (false, Some(claim)) => {
+            let path = crate::reconcile::provision::source_path(claim.mode);
+            claim_import_args(path, claim.virtual_bytes, claim.cdrom, job.target, uid, &files, &metrics_listen)
+        }
+        (false, None) => import_args(job.data_source, job.target, uid, &files, &metrics_listen, |_, _, _| {
+            Err(ImportSpecError::MissingSource(DataSourceType::ObjectRef, "objectRef"))
+        })?,
     };
     args.push(format!("--scratch-dir={SCRATCH_MOUNT}"));
     if config.registry_plain_http {
@@ -347,7 +362,10 @@ fn start(
             args,
             secret_name: worker_secret_name(uid),
             disk: None,
-            source_disk: None,
+            source_disk: job.claim_source.map(|claim| DiskVolume {
+                claim_name: claim.claim_name.to_string(),
+                mode: claim.mode,
+            }),
         }),
     ];
     if !upload {

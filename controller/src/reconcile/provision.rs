@@ -276,8 +276,8 @@ pub fn follow_provisioner<S: ShowsImport>(
     Ok(Provisioned::Working)
 }
 
-/// Where the provisioner finds a source PVC's image.
-fn source_path(mode: VolumeMode) -> &'static str {
+/// Where a worker finds a source PVC's image.
+pub fn source_path(mode: VolumeMode) -> &'static str {
     match mode {
         VolumeMode::Block => crate::workload::SOURCE_DEVICE,
         VolumeMode::Filesystem => "/source/disk.img",

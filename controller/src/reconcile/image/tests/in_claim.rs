@@ -307,21 +307,81 @@ fn an_image_from_another_image_is_written_into_its_pvc_from_the_registry_or_from
 }
 
 #[test]
-fn a_registry_image_is_not_made_from_a_pvc_and_a_failed_provisioner_says_why() {
-    let source = object_ref("base");
+fn a_registry_image_from_a_pvc_is_imported_from_that_volume_and_a_failed_provisioner_says_why() {
+    let mut source = object_ref("base");
     let status = ImageStatus::default();
     let mut look = observed(WorkerState::Absent);
-    look.source = Some(ready_source(ImageLocation::Claim {
-        namespace: "vms".into(),
-        name: "vi-base-source-uid".into(),
-    }));
+    let kept = |namespace: &str| {
+        ready_source(ImageLocation::Claim {
+            namespace: namespace.into(),
+            name: "vi-base-source-uid".into(),
+        })
+    };
+    look.source = Some(kept("vms"));
+    let plan = reconcile(&view(&source, &status), &look, &config());
+    assert!(!plan.actions.iter().any(|action| matches!(action, Action::CopyImage { .. })));
+    let importer = created_pod(&plan);
+    assert_eq!(importer.component, "importer");
+    assert_eq!(
+        importer.args[..5],
+        [
+            "import".to_string(),
+            "/source/disk.img".into(),
+            TARGET.into(),
+            "--source-format=iso".into(),
+            format!("--source-length={}", 3 * GIB),
+        ]
+    );
+    assert_eq!(
+        importer.source_disk,
+        Some(DiskVolume {
+            claim_name: "vi-base-source-uid".into(),
+            mode: VolumeMode::Filesystem
+        })
+    );
+    assert_eq!(created_secret(&plan).access[0].actions, vec!["pull", "push"]);
+    assert_eq!(plan.status.source_uid.as_deref(), Some("source-uid"));
+    assert_eq!(plan.status.phase, Some(ImagePhase::Provisioning));
+
+    // Its report makes it Ready in the registry.
+    let mut done = look.clone();
+    done.worker = WorkerState::Succeeded {
+        report: STORED_REPORT.into(),
+    };
+    let plan = reconcile(&view(&source, &plan.status), &done, &config());
+    assert_eq!(plan.status.phase, Some(ImagePhase::Ready));
+    assert_eq!(claim_target(&plan.status), (Some(TARGET), None));
+
+    // Another namespace's PVC cannot be mounted by this image's importer.
+    look.source = Some(kept("other"));
     let plan = reconcile(&view(&source, &status), &look, &config());
     assert_eq!(plan.status.phase, Some(ImagePhase::Failed));
     let message = condition(&plan.status, types::READY).2;
-    assert!(message.contains("kept in PVC vms/vi-base-source-uid, not in the registry"), "{message}");
-    assert!(!plan.actions.iter().any(|action| matches!(action, Action::CopyImage { .. })));
+    assert!(message.contains("kept in PVC other/vi-base-source-uid, which a Pod in vms cannot read"), "{message}");
 
+    // A cluster image from it: the importer runs where the PVC is.
+    if let Some(object) = source.object_ref.as_mut() {
+        object.namespace = Some("other".into());
+    }
+    let mut cluster = view(&source, &status);
+    cluster.kind = ImageKind::ClusterVirtualImage;
+    assert_eq!(cluster.worker_namespace(&config()), "other");
+    let plan = reconcile(&cluster, &look, &config());
+    let importer = created_pod(&plan);
+    assert_eq!((importer.key.namespace.as_str(), importer.owner.kind), ("other", "ClusterVirtualImage"));
+    assert!(importer.args.contains(&format!("dvcr.dvcr.svc/cvi/ubuntu:{UID}")), "{:?}", importer.args);
     let http = http_source();
+    let plain = view(&http, &status);
+    assert_eq!(
+        ImageView {
+            kind: ImageKind::ClusterVirtualImage,
+            ..plain
+        }
+        .worker_namespace(&config()),
+        "dvcr",
+        "other cluster images' workers run in the controller's namespace"
+    );
+
     let writing = ImageStatus {
         phase: Some(ImagePhase::Provisioning),
         progress: Some("62.0%".into()),
