@@ -810,6 +810,33 @@ async fn an_image_kept_in_a_pvc_is_ready_when_written_and_lost_with_its_pvc() {
     let (context, handle) = setup.context();
     let outcome = reconcile_with(context, handle, image, exchanges).await;
     assert!(!outcome.starts_with("error"), "{outcome}");
+
+    // Failed, then its spec changed: the workers and the failed attempt's
+    // PVC are deleted before it starts again.
+    let mut image = virtual_image(
+        &[FINALIZER],
+        json!({"storage": "PersistentVolumeClaim",
+            "dataSource": {"type": "HTTP", "http": {"url": "https://images.example/other.qcow2"}}}),
+        json!({"phase": "Failed", "observedGeneration": 1}),
+    );
+    image.metadata.generation = Some(2);
+    let answer = serde_json::to_value(&image).unwrap();
+    let claim_path = format!("/api/v1/namespaces/vms/persistentvolumeclaims/vi-ubuntu-{UID}");
+    let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": format!("vi-ubuntu-{UID}"), "namespace": "vms"}, "status": {"phase": "Bound"}});
+    let mut exchanges = vec![
+        expect("GET", importer_pod_path(), 404, not_found("pods")),
+        expect("GET", format!("/api/v1/namespaces/vms/pods/dvcr-provisioner-{UID}"), 404, not_found("pods")),
+        expect("GET", claim_path.clone(), 200, claim.clone()),
+    ];
+    exchanges.extend(worker_deletions(&[]));
+    exchanges.push(expect("DELETE", claim_path, 200, claim));
+    exchanges.push(expect("PATCH", image_path("/status"), 200, answer).checking(|_, body| {
+        assert_eq!(body["status"]["phase"], "Pending");
+    }));
+    let (context, handle) = setup.context();
+    let outcome = reconcile_with(context, handle, image, exchanges).await;
+    assert!(!outcome.starts_with("error"), "{outcome}");
 }
 
 fn machine_fixtures() -> (Value, Value) {

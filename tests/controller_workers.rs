@@ -450,6 +450,7 @@ fn the_planned_provisioner_writes_the_stored_qcow2_as_the_raw_disk_qemu_img_make
         requested_bytes: Some(64 << 20),
         capacity_bytes: Some(64 << 20),
         storage_class: None,
+        deleting: false,
     };
     let done = disk::reconcile(
         &DiskView {
@@ -534,6 +535,7 @@ fn a_disk_from_a_url_is_imported_into_its_copy_then_provisioned_as_the_raw_disk_
         requested_bytes: Some(VolumeMode::Filesystem.claim_bytes(40 << 20)),
         capacity_bytes: Some(VolumeMode::Filesystem.claim_bytes(40 << 20)),
         storage_class: None,
+        deleting: false,
     };
 
     // The provisioner, with a pull-only token, writes the copy into the PVC.
@@ -619,6 +621,7 @@ fn an_image_kept_in_a_pvc_is_written_there_and_a_disk_is_copied_from_that_pvc() 
         requested_bytes: Some(bytes),
         capacity_bytes: Some(bytes),
         storage_class: None,
+        deleting: false,
     };
 
     // The importer stores the copy; its report makes the image's PVC.

@@ -213,6 +213,13 @@ pub fn reconcile(view: &ImageView<'_>, observed: &ImageObserved, config: &Worker
     let phase = match view.status.phase {
         Some(ImagePhase::Failed) if spec_changed => {
             plan.actions.push(cleanup.clone());
+            // A PVC made by the failed attempt holds nothing usable.
+            if let (Some(target), Some(_)) = (view.claim_target(config), &observed.claim) {
+                plan.actions.push(Action::DeleteClaim {
+                    namespace: target.namespace.to_string(),
+                    name: target.claim_name(),
+                });
+            }
             plan.status = ImageStatus {
                 observed_generation: generation,
                 ..ImageStatus::default()
@@ -339,6 +346,14 @@ fn fill_claim(
         persistent_volume_claim_name: Some(claim_name.clone()),
     });
     if let Some(claim) = &observed.claim {
+        if claim.deleting {
+            // The PVC of a failed attempt, deleted when the spec changed.
+            plan.status.phase = Some(ImagePhase::Pending);
+            let message = format!("waiting for the PVC {claim_name} of the failed attempt to be deleted");
+            setter.set(&mut plan.status.conditions, types::READY, false, "Pending", message);
+            plan.requeue_after = Some(PROGRESS_INTERVAL);
+            return Ok(());
+        }
         plan.status.storage_class_name = claim.storage_class.clone();
     }
     let imported = view.data_source.source_type != DataSourceType::ObjectRef;

@@ -67,6 +67,13 @@ pub enum Action {
     CreateIngress(Box<Ingress>),
     /// Create a disk's PVC (already existing is fine).
     CreateClaim(Box<PersistentVolumeClaim>),
+    /// Delete a PVC (absent is fine).
+    DeleteClaim {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
     /// Grow a disk's PVC to `bytes`.
     ResizeClaim {
         /// Its namespace.
@@ -150,6 +157,7 @@ impl Action {
                 machine["metadata"]["name"].as_str().unwrap_or_default()
             ),
             Action::KubevirtSubresource(request) => format!("PUT {}", request.path),
+            Action::DeleteClaim { namespace, name } => format!("delete PVC {namespace}/{name}"),
             Action::ResizeClaim { namespace, name, bytes } => {
                 format!("grow PVC {namespace}/{name} to {bytes} bytes")
             }

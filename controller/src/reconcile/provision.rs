@@ -52,6 +52,8 @@ pub struct ClaimState {
     pub capacity_bytes: Option<u64>,
     /// `spec.storageClassName`.
     pub storage_class: Option<String>,
+    /// Being deleted (`metadata.deletionTimestamp`).
+    pub deleting: bool,
 }
 
 impl ClaimState {

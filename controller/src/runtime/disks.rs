@@ -111,5 +111,6 @@ pub fn claim_state(claim: &PersistentVolumeClaim) -> ClaimState {
         ),
         capacity_bytes: storage(status.and_then(|status| status.capacity.as_ref())),
         storage_class: spec.and_then(|spec| spec.storage_class_name.clone()),
+        deleting: claim.metadata.deletion_timestamp.is_some(),
     }
 }

@@ -105,6 +105,12 @@ where
                 .or_else(ignore(kube::core::Status::is_already_exists))
                 .map_err(Error::kube(action.describe()))
         }
+        Action::DeleteClaim { namespace, name } => Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), namespace)
+            .delete(name, &DeleteParams::default())
+            .await
+            .map(drop)
+            .or_else(ignore(kube::core::Status::is_not_found))
+            .map_err(Error::kube(action.describe())),
         Action::ResizeClaim { namespace, name, bytes } => {
             let patch = json!({"spec": {"resources": {"requests": {"storage": bytes.to_string()}}}});
             Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), namespace)

@@ -307,7 +307,7 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     (crate::api::common::GROUP, "clustervirtualimages/status", &["patch"]),
     (crate::api::common::GROUP, "virtualdisks/status", &["patch"]),
     ("", "pods", &["get", "list", "watch", "create", "delete"]),
-    ("", "persistentvolumeclaims", &["get", "list", "watch", "create", "patch"]),
+    ("", "persistentvolumeclaims", &["get", "list", "watch", "create", "patch", "delete"]),
     (crate::api::common::GROUP, "virtualmachines", &["get", "list", "watch"]),
     (crate::api::common::GROUP, "virtualmachines/status", &["patch"]),
     ("kubevirt.io", "virtualmachines", &["get", "list", "watch", "create", "patch"]),

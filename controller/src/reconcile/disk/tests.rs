@@ -79,6 +79,7 @@ fn bound(requested: u64, capacity: u64) -> Option<ClaimState> {
         requested_bytes: Some(requested),
         capacity_bytes: Some(capacity),
         storage_class: Some("fast".into()),
+        deleting: false,
     })
 }
 
@@ -397,6 +398,7 @@ fn blank_disks_need_a_size_and_may_wait_for_their_first_consumer() {
         requested_bytes: Some(2 * GIB),
         capacity_bytes: None,
         storage_class: Some("local".into()),
+        deleting: false,
     });
     let mut look = observed(WorkerState::Absent, pending, None);
     look.wait_for_first_consumer = true;
@@ -627,6 +629,7 @@ fn a_disk_from_a_url_is_imported_into_its_copy_then_written_into_a_claim_of_the_
         requested_bytes: Some(3 * GIB),
         capacity_bytes: None,
         storage_class: Some("fast".into()),
+        deleting: false,
     });
     let plan = reconcile(
         &view(&disk, &plan.status),

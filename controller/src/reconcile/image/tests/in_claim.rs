@@ -21,6 +21,7 @@ fn claim(phase: &str) -> Option<ClaimState> {
         requested_bytes: Some(11 * GIB),
         capacity_bytes: Some(11 * GIB),
         storage_class: Some("replicated".into()),
+        deleting: false,
     })
 }
 
@@ -404,4 +405,57 @@ fn a_registry_image_from_a_pvc_is_imported_from_that_volume_and_a_failed_provisi
     assert_eq!(reason, "ProvisioningFailed");
     assert!(message.ends_with("into the PVC failed: Error: No space left on device (os error 28)"), "{message}");
     assert_eq!(plan.actions, vec![cleanup()], "the failed provisioner is removed");
+}
+
+/// A failed image retried after a spec change: the PVC of the failed
+/// attempt is deleted, and the new attempt waits until it is gone (it would
+/// otherwise be taken for the new attempt's).
+#[test]
+fn a_retry_deletes_the_failed_attempts_pvc_and_waits_for_it_to_go() {
+    let source = http_source();
+    let failed = ImageStatus {
+        phase: Some(ImagePhase::Failed),
+        observed_generation: Some(1),
+        ..ImageStatus::default()
+    };
+    let mut changed = in_claim(&source, &failed);
+    changed.generation = Some(2);
+    let plan = reconcile(&changed, &looking(WorkerState::Absent, claim("Bound"), WorkerState::Absent), &config());
+    assert_eq!(
+        plan.actions,
+        vec![
+            cleanup(),
+            Action::DeleteClaim {
+                namespace: "vms".into(),
+                name: CLAIM.into()
+            }
+        ]
+    );
+    assert_eq!(plan.status.phase, Some(ImagePhase::Pending));
+
+    let mut going = claim("Bound");
+    if let Some(going) = going.as_mut() {
+        going.deleting = true;
+    }
+    let plan = reconcile(
+        &ImageView {
+            status: &plan.status,
+            ..changed
+        },
+        &looking(WorkerState::Absent, going, WorkerState::Absent),
+        &config(),
+    );
+    assert!(plan.actions.is_empty(), "nothing starts while the old PVC goes: {:?}", plan.actions);
+    assert_eq!(plan.status.phase, Some(ImagePhase::Pending));
+    assert!(condition(&plan.status, types::READY).2.contains("of the failed attempt to be deleted"));
+
+    let plan = reconcile(
+        &ImageView {
+            status: &plan.status,
+            ..changed
+        },
+        &looking(WorkerState::Absent, None, WorkerState::Absent),
+        &config(),
+    );
+    assert_eq!(created_pod(&plan).component, "importer", "then the import starts again");
 }
