@@ -10,12 +10,15 @@
 #   bench/convert.sh [VIRTUAL_MIB]
 #
 # Environment: BENCH_DIR (default /var/tmp/dvcr-convert-bench), ROUNDS
-# (default 3; the order of the two tools alternates between rounds).
+# (default 4, kept even: the order of the two tools alternates between
+# rounds, and on this kind of virtual disk whichever runs first in a round
+# is faster, so an odd count favours one tool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 virtual_mib=${1:-4096}
-rounds=${ROUNDS:-3}
+rounds=${ROUNDS:-4}
+if ((rounds % 2)); then rounds=$((rounds + 1)); echo "ROUNDS made even: $rounds"; fi
 work=${BENCH_DIR:-/var/tmp/dvcr-convert-bench}
 source bench/common.sh
 need_tools qemu-img openssl python3 cmp
@@ -44,8 +47,11 @@ rm -f "$raw"
 
 seconds() { python3 -c 'import sys,time,subprocess; t=time.monotonic(); subprocess.run(sys.argv[1:], check=True); print(f"{time.monotonic()-t:.2f}")' "$@"; }
 # The disk's state (writeback of the previous run, a virtual disk's burst
-# budget) favours whichever tool runs first, so the order alternates per
-# round, each run starts after a sync and a pause, and every time is shown.
+# budget, freed extents) favours whichever tool runs first, so the order
+# alternates per round, each output is hashed and deleted before the next
+# run (both start on the same free space), each run starts after a sync and
+# a pause, every time is shown, and the ratio is the median of the rounds'
+# paired ratios.
 settle() { sync; sleep 3; }
 run_qemu() {
     local unsynced synced
@@ -53,29 +59,38 @@ run_qemu() {
     synced=$(python3 -c "print(f'{$unsynced + $(seconds sync "$work/qemu.raw"):.2f}')")
     echo "$unsynced $synced"
 }
+# Hashes and measures an output, then deletes it.
+retire() {
+    local output=$1
+    echo "$(sha256sum "$output" | cut -d' ' -f1) $(du -k "$output" | cut -f1)"
+    rm -f "$output"
+}
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {n=NR; if (n%2) print a[(n+1)/2]; else printf "%.2f\n", (a[n/2]+a[n/2+1])/2}'; }
 for variant in plain zlib; do
     source=$work/$variant.qcow2
-    dvcr_times=() qemu_synced_times=() qemu_times=()
+    dvcr_times=() qemu_synced_times=() qemu_times=() ratios=()
     for round in $(seq "$rounds"); do
-        rm -f "$work/qemu.raw.keep" "$work/dvcr.raw.keep"
         for tool in $( ((round % 2)) && echo "qemu dvcr" || echo "dvcr qemu"); do
             settle
             if [ "$tool" = qemu ]; then
                 read -r unsynced synced < <(run_qemu "$source")
                 qemu_times+=("$unsynced"); qemu_synced_times+=("$synced")
-                mv "$work/qemu.raw" "$work/qemu.raw.keep"
+                read -r qemu_hash qemu_kib < <(retire "$work/qemu.raw")
             else
-                dvcr_times+=("$(seconds target/release/dvcr convert "$source" "$work/dvcr.raw" -O raw)")
-                mv "$work/dvcr.raw" "$work/dvcr.raw.keep"
+                dvcr_time=$(seconds target/release/dvcr convert "$source" "$work/dvcr.raw" -O raw)
+                dvcr_times+=("$dvcr_time")
+                read -r dvcr_hash dvcr_kib < <(retire "$work/dvcr.raw")
             fi
         done
-        cmp "$work/qemu.raw.keep" "$work/dvcr.raw.keep"
-        allocated="qemu-img $(du -k "$work/qemu.raw.keep" | cut -f1) KiB, dvcr $(du -k "$work/dvcr.raw.keep" | cut -f1) KiB"
+        if [ "$qemu_hash" != "$dvcr_hash" ]; then
+            echo "$variant round $round: the outputs differ" >&2
+            exit 1
+        fi
+        ratios+=("$(python3 -c "print(f'{$dvcr_time/${qemu_synced_times[-1]}:.2f}')")")
+        allocated="qemu-img $qemu_kib KiB, dvcr $dvcr_kib KiB"
     done
-    rm -f "$work/qemu.raw.keep" "$work/dvcr.raw.keep"
-    median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-    dvcr_median=$(median "${dvcr_times[@]}")
-    qemu_median=$(median "${qemu_synced_times[@]}")
     echo "$variant: dvcr (synced) ${dvcr_times[*]} s; qemu-img + sync ${qemu_synced_times[*]} s (unsynced ${qemu_times[*]} s);" \
-        "median ratio $(python3 -c "print(f'{$dvcr_median/$qemu_median:.2f}x')"); allocated: $allocated; outputs identical"
+        "round ratios ${ratios[*]}; median ratio $(median "${ratios[@]}")x" \
+        "(medians $(median "${dvcr_times[@]}") / $(median "${qemu_synced_times[@]}") s);" \
+        "allocated: $allocated; outputs identical"
 done
