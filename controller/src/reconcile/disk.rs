@@ -11,12 +11,12 @@
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::image::SourceImage;
+use super::image::{reported_virtual_bytes, SourceImage};
 use super::import_worker::ImportJob;
 pub use super::provision::ClaimState;
 use super::provision::{self, ClaimTarget, CopyObserved, CopyStep, ImageLocation, ProvisionSource, Provisioned};
 use super::{Action, Plan, Refusal, WorkerState, IMAGE_CHECK_INTERVAL, PROGRESS_INTERVAL, WAIT_INTERVAL};
-use crate::api::common::{DataSourceType, ImageSize, ObjectRefKind};
+use crate::api::common::{DataSourceType, ObjectRefKind};
 use crate::api::disk::{DiskPhase, DiskTarget, VirtualDiskSpec, VirtualDiskStatus};
 use crate::conditions::{self, types, Desired, Setter};
 use crate::import::{human_bytes, repository, ImageOwner};
@@ -401,13 +401,7 @@ fn provision(
             };
             match &observed.source {
                 Some(SourceImage::Ready { location, size, .. }) => {
-                    let virtual_bytes = size
-                        .as_ref()
-                        .and_then(ImageSize::virtual_bytes)
-                        .ok_or_else(|| Refusal {
-                            reason: "InvalidDataSource",
-                            message: format!("{described} does not report its virtual size"),
-                        })?;
+                    let virtual_bytes = reported_virtual_bytes(size.as_ref(), &described)?;
                     let bytes = provision::fitting_size(requested, virtual_bytes, "the image")?;
                     (Some((location.clone(), Some(virtual_bytes))), bytes)
                 }

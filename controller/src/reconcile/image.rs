@@ -82,6 +82,15 @@ pub enum SourceImage {
     },
 }
 
+/// The virtual size a Ready image reports, which a PVC made from it needs;
+/// refused when it reports none.
+pub fn reported_virtual_bytes(size: Option<&ImageSize>, described: &str) -> Result<u64, Refusal> {
+    size.and_then(ImageSize::virtual_bytes).ok_or_else(|| Refusal {
+        reason: "InvalidDataSource",
+        message: format!("{described} does not report its virtual size"),
+    })
+}
+
 /// What the I/O layer observed for one reconcile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageObserved {
@@ -397,13 +406,7 @@ fn fill_claim(
         else {
             return Ok(());
         };
-        let virtual_bytes = size
-            .as_ref()
-            .and_then(ImageSize::virtual_bytes)
-            .ok_or_else(|| Refusal {
-                reason: "InvalidDataSource",
-                message: format!("the image in {location} does not report its virtual size"),
-            })?;
+        let virtual_bytes = reported_virtual_bytes(size.as_ref(), &format!("the image in {location}"))?;
         plan.status.source_uid = Some(uid.clone());
         plan.status.size = size.clone();
         plan.status.format = format.clone();
@@ -528,10 +531,7 @@ fn copy_object(
                     ),
                 });
             }
-            let virtual_bytes = size.as_ref().and_then(ImageSize::virtual_bytes).ok_or_else(|| Refusal {
-                reason: "InvalidDataSource",
-                message: format!("the image in {location} does not report its virtual size"),
-            })?;
+            let virtual_bytes = reported_virtual_bytes(size.as_ref(), &format!("the image in {location}"))?;
             let claim = ClaimSource {
                 claim_name: name,
                 virtual_bytes,
