@@ -141,9 +141,9 @@ impl RawOutput {
     /// offset, length and memory are aligned, else (and once the file
     /// system refused a direct write) through the page cache.
     fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
-        let aligned = offset % DIRECT_ALIGNMENT as u64 == 0
-            && bytes.len() % DIRECT_ALIGNMENT == 0
-            && (bytes.as_ptr() as usize) % DIRECT_ALIGNMENT == 0;
+        let aligned = offset.is_multiple_of(DIRECT_ALIGNMENT as u64)
+            && bytes.len().is_multiple_of(DIRECT_ALIGNMENT)
+            && (bytes.as_ptr() as usize).is_multiple_of(DIRECT_ALIGNMENT);
         if let (Some(direct), true) = (&self.direct, aligned) {
             if !self.direct_refused.load(Ordering::Relaxed) {
                 match direct.write_all_at(bytes, offset) {

@@ -440,21 +440,10 @@ fn provision(
     }
 
     let Some(claim) = &observed.claim else {
-        plan.actions.push(Action::CreateClaim(Box::new(target.claim(disk_bytes))));
-        if let Some(source) = source {
-            plan.actions.extend(provision::start_provisioner(&target, source, config)?);
-        }
-        plan.status.phase = Some(DiskPhase::Provisioning);
-        plan.status.progress = Some("0%".into());
-        set(&mut plan.status, now, generation, types::READY, false, "Provisioning", "creating the PVC".into());
-        plan.requeue_after = Some(PROGRESS_INTERVAL);
-        return Ok(());
+        return provision::create_claim(&target, disk_bytes, source, config, &setter, plan);
     };
     if claim.lost() {
-        return Err(Refusal {
-            reason: "PVCLost",
-            message: format!("the PVC {claim_name} lost its volume"),
-        });
+        return Err(provision::lost_while_filling(claim_name));
     }
     let bound = claim.phase.as_deref() == Some("Bound");
     let Some(source) = source else {

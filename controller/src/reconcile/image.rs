@@ -423,19 +423,10 @@ fn fill_claim(
     let Some(claim) = &observed.claim else {
         // An imported image's PVC was made by its import step.
         let bytes = virtual_bytes.unwrap_or_default();
-        plan.actions.push(Action::CreateClaim(Box::new(claim_target.claim(bytes))));
-        plan.actions.extend(provision::start_provisioner(claim_target, source, config)?);
-        plan.status.phase = Some(ImagePhase::Provisioning);
-        plan.status.progress = Some("0%".into());
-        setter.set(&mut plan.status.conditions, types::READY, false, "Provisioning", "creating the PVC".into());
-        plan.requeue_after = Some(PROGRESS_INTERVAL);
-        return Ok(());
+        return provision::create_claim(claim_target, bytes, Some(source), config, &setter, plan);
     };
     if claim.lost() {
-        return Err(Refusal {
-            reason: "PVCLost",
-            message: format!("the PVC {claim_name} lost its volume"),
-        });
+        return Err(provision::lost_while_filling(&claim_name));
     }
     match provision::follow_provisioner(claim_target, source, &observed.provisioner, config, &setter, plan)? {
         Provisioned::Working => {}

@@ -210,6 +210,36 @@ pub enum Provisioned {
     Written,
 }
 
+/// Creates the PVC (for an image of `image_bytes`) and, when there is
+/// something to write, starts its provisioner at once: `Provisioning`, 0%.
+pub fn create_claim<S: ShowsImport>(
+    target: &ClaimTarget<'_>,
+    image_bytes: u64,
+    source: Option<ProvisionSource<'_>>,
+    config: &WorkerConfig,
+    setter: &Setter,
+    plan: &mut Plan<S>,
+) -> Result<(), Refusal> {
+    plan.actions.push(Action::CreateClaim(Box::new(target.claim(image_bytes))));
+    if let Some(source) = source {
+        plan.actions.extend(start_provisioner(target, source, config)?);
+    }
+    plan.status.set_importing(false);
+    let shown = plan.status.shown();
+    *shown.progress = Some("0%".into());
+    setter.set(shown.conditions, types::READY, false, "Provisioning", "creating the PVC".into());
+    plan.requeue_after = Some(PROGRESS_INTERVAL);
+    Ok(())
+}
+
+/// A PVC whose volume is gone while it was being filled.
+pub fn lost_while_filling(claim_name: &str) -> Refusal {
+    Refusal {
+        reason: "PVCLost",
+        message: format!("the PVC {claim_name} lost its volume"),
+    }
+}
+
 /// Follows the provisioner of a PVC that exists: starts it when it is
 /// gone before it finished (deleted, or its node went away), shows its
 /// progress while it writes, and says when the image is written. A failed
