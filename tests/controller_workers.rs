@@ -221,6 +221,21 @@ fn finished(output: &Output, report: &Path) -> WorkerState {
     }
 }
 
+/// Writes at `qcow2` the qcow2 qemu-img makes (with `qemu_options`, such as
+/// `-c`) of a raw disk of `virtual_bytes` holding pseudo-random data at each
+/// (offset, length, seed) and holes elsewhere.
+fn make_qcow2(qcow2: &Path, virtual_bytes: u64, data: &[(u64, usize, u64)], qemu_options: &[&str]) {
+    let raw = qcow2.with_extension("source.raw");
+    let file = std::fs::File::create(&raw).unwrap();
+    file.set_len(virtual_bytes).unwrap();
+    for &(offset, length, seed) in data {
+        std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(length, seed), offset).unwrap();
+    }
+    let qemu_img = require_tool("qemu-img");
+    run(Command::new(qemu_img).args(["convert", "-O", "qcow2"]).args(qemu_options).arg(&raw).arg(qcow2));
+    std::fs::remove_file(raw).unwrap();
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     common::sha256_digest(data).trim_start_matches("sha256:").to_string()
 }
@@ -391,13 +406,8 @@ fn the_planned_provisioner_writes_the_stored_qcow2_as_the_raw_disk_qemu_img_make
     let cluster = Cluster::start();
     let config = cluster.config();
     // A qcow2 with data and holes, stored as an image the way an import stores it.
-    let raw = cluster.root.join("source.raw");
-    let file = std::fs::File::create(&raw).unwrap();
-    file.set_len(48 << 20).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(3 << 20, 79), 5 << 20).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(1 << 20, 80), 40 << 20).unwrap();
     let qcow2 = cluster.root.join("source.qcow2");
-    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "qcow2"]).arg(&raw).arg(&qcow2));
+    make_qcow2(&qcow2, 48 << 20, &[(5 << 20, 3 << 20, 79), (40 << 20, 1 << 20, 80)], &[]);
     let token = cluster.root.join("import-token");
     std::fs::write(&token, cluster.token(&["repository:cvi/noble:pull,push"])).unwrap();
     let image = format!("{}/cvi/noble:v1", cluster.server.address);
@@ -473,13 +483,8 @@ fn a_disk_from_a_url_is_imported_into_its_copy_then_provisioned_as_the_raw_disk_
     // A qcow2 with data and holes, served over HTTP.
     let files = cluster.root.join("files");
     std::fs::create_dir_all(&files).unwrap();
-    let raw = cluster.root.join("source.raw");
-    let file = std::fs::File::create(&raw).unwrap();
-    file.set_len(40 << 20).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(2 << 20, 81), 3 << 20).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(1 << 20, 82), 37 << 20).unwrap();
     let qcow2 = files.join("focal.qcow2");
-    run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "qcow2"]).arg(&raw).arg(&qcow2));
+    make_qcow2(&qcow2, 40 << 20, &[(3 << 20, 2 << 20, 81), (37 << 20, 1 << 20, 82)], &[]);
     let web = FileServer::start(&files);
 
     let disk_spec = VirtualDiskSpec {
@@ -594,13 +599,8 @@ fn an_image_kept_in_a_pvc_is_written_there_and_a_disk_is_copied_from_that_pvc() 
     let config = cluster.config();
     let files = cluster.root.join("files");
     std::fs::create_dir_all(&files).unwrap();
-    let raw = cluster.root.join("source.raw");
-    let file = std::fs::File::create(&raw).unwrap();
-    file.set_len(24 << 20).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(1 << 20, 91), 0).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(3 << 20, 92), 17 << 20).unwrap();
     let qcow2 = files.join("jammy.qcow2");
-    run(Command::new(require_tool("qemu-img")).args(["convert", "-c", "-O", "qcow2"]).arg(&raw).arg(&qcow2));
+    make_qcow2(&qcow2, 24 << 20, &[(0, 1 << 20, 91), (17 << 20, 3 << 20, 92)], &["-c"]);
     let web = FileServer::start(&files);
     let expected = cluster.root.join("expected.raw");
     run(Command::new(require_tool("qemu-img")).args(["convert", "-O", "raw"]).arg(&qcow2).arg(&expected));

@@ -197,10 +197,7 @@ pub fn convert_file(
         OutputFormat::Qcow2 if source == Path::new("-") => Err(ConverterError::QcowOutputSource("standard input".into())),
         OutputFormat::Qcow2 => to_qcow2(source, destination),
     };
-    if result.is_err() {
-        remove_partial_output(destination);
-    }
-    result
+    removing_partial_output(destination, result)
 }
 
 fn convert_checked(source: &Path, destination: &Path, max_virtual_size: u64) -> Result<(), ConverterError> {
@@ -230,11 +227,7 @@ fn convert_source(source: &dyn ReadAt, destination: &Path, max_virtual_size: u64
 /// `Range` reader, the disk file inside a registry blob) to raw at
 /// `destination`; a failed conversion removes its partial output.
 pub fn convert_read_at(source: &dyn ReadAt, destination: &Path, max_virtual_size: u64) -> Result<(), ConverterError> {
-    let result = convert_source(source, destination, max_virtual_size);
-    if result.is_err() {
-        remove_partial_output(destination);
-    }
-    result
+    removing_partial_output(destination, convert_source(source, destination, max_virtual_size))
 }
 
 /// Copies `source` to `destination` byte for byte, without looking at
@@ -243,7 +236,11 @@ pub fn convert_read_at(source: &dyn ReadAt, destination: &Path, max_virtual_size
 /// an image header (read as qcow2 it would be another disk). Zero blocks
 /// become holes; a failed copy removes its partial output.
 pub fn copy_raw_read_at(source: &dyn ReadAt, destination: &Path) -> Result<(), ConverterError> {
-    let result = raw_to_raw(source, destination);
+    removing_partial_output(destination, raw_to_raw(source, destination))
+}
+
+/// Passes `result` on, removing what a failed conversion wrote first.
+fn removing_partial_output(destination: &Path, result: Result<(), ConverterError>) -> Result<(), ConverterError> {
     if result.is_err() {
         remove_partial_output(destination);
     }

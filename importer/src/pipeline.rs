@@ -130,7 +130,8 @@ pub fn build_layer(
     sink: impl Write,
 ) -> Result<(ImageFacts, LayerFacts), ImportError> {
     let mut counted = Checksums::reader(source, &options.checksums, progress);
-    if let Some(format) = options.forced_format {
+    if options.forced_format.is_some() {
+        // Stored as it is: nothing read ahead, no wrapper looked for.
         let length = source_length.ok_or_else(|| {
             ImportError::Usage("--source-format needs a source of known length: a file, a device or a URL".into())
         })?;
@@ -140,22 +141,9 @@ pub fn build_layer(
         if length > options.max_virtual_size {
             return Err(ImportError::TooLarge(options.max_virtual_size));
         }
-        let mut tail = Tail::default();
-        let mut data = ExactLength {
-            inner: &mut counted,
-            remaining: length,
-            tail: &mut tail,
-        };
-        let layer = write_layer(&mut data, length, &options.file_name, options, sink)?;
+        let stored = stream_known_length(Vec::new(), &mut counted, length, options.file_name.clone(), options, sink)?;
         counted.verify()?;
-        let facts = ImageFacts {
-            stored_size: length,
-            virtual_size: length,
-            format,
-            file_name: options.file_name.clone(),
-            unpacked_from: None,
-        };
-        return Ok((facts, layer));
+        return Ok(stored);
     }
     let mut head = vec![0u8; HEAD_BYTES];
     let length = unwrap::read_up_to(&mut counted, &mut head).map_err(ImportError::source_read)?;
@@ -284,8 +272,13 @@ fn convert_then_write(spool: &File, facts: ImageFacts, options: &PipelineOptions
 }
 
 /// Format and virtual size from the head and tail of the unpacked image;
-/// without a tail, only the head's headers are checked.
+/// without a tail, only the head's headers are checked. A format the
+/// caller gave (`forced_format`) is taken as it is, the image's length as
+/// its virtual size.
 fn describe(head: &[u8], tail: Option<&[u8]>, size: u64, options: &PipelineOptions) -> Result<(ImageFormat, u64), ImportError> {
+    if let Some(format) = options.forced_format {
+        return Ok((format, size));
+    }
     let tail = match tail {
         Some(tail) => tail.to_vec(),
         None if size <= head.len() as u64 => head[head.len().saturating_sub(TAIL_BYTES)..].to_vec(),

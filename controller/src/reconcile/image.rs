@@ -509,19 +509,8 @@ fn copy_object(
     plan.status.source_uid = Some(uid.clone());
     let registry_url = match location {
         ImageLocation::Registry(registry_url) => registry_url,
-        ImageLocation::Claim {
-            namespace: claim_namespace,
-            name,
-        } => {
-            if claim_namespace != namespace {
-                return Err(Refusal {
-                    reason: "InvalidDataSource",
-                    message: format!(
-                        "the source image is kept in {location}, which a Pod in {namespace} cannot read; \
-                         make this image from that image's own source"
-                    ),
-                });
-            }
+        ImageLocation::Claim { name, .. } => {
+            provision::readable_from(location, namespace)?;
             let virtual_bytes = reported_virtual_bytes(size.as_ref(), &format!("the image in {location}"))?;
             let claim = ClaimSource {
                 claim_name: name,

@@ -41,6 +41,25 @@ impl std::fmt::Display for ImageLocation {
     }
 }
 
+/// Refuses an image kept in a PVC of another namespace than `namespace`,
+/// where the worker reading it runs: a Pod mounts PVCs of its own
+/// namespace only. An image in the registry is readable from anywhere.
+pub fn readable_from(location: &ImageLocation, namespace: &str) -> Result<(), Refusal> {
+    match location {
+        ImageLocation::Claim {
+            namespace: claim_namespace,
+            ..
+        } if claim_namespace != namespace => Err(Refusal {
+            reason: "InvalidDataSource",
+            message: format!(
+                "the source image is kept in {location}, which a Pod in {namespace} cannot read; use an image \
+                 in the registry or one kept in {namespace}"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// What the I/O layer saw of a PVC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimState {
@@ -342,16 +361,7 @@ pub fn start_provisioner(
             args.push(format!("docker://{image}"));
         }
         ImageLocation::Claim { namespace, name } => {
-            if namespace != target.namespace {
-                return Err(Refusal {
-                    reason: "InvalidDataSource",
-                    message: format!(
-                        "the image is in PVC {namespace}/{name}, which a Pod in {} cannot read; \
-                         use an image stored in the registry",
-                        target.namespace
-                    ),
-                });
-            }
+            readable_from(source.location, target.namespace)?;
             let virtual_bytes = source.virtual_bytes.ok_or_else(|| Refusal {
                 reason: "InvalidDataSource",
                 message: format!("the image in PVC {namespace}/{name} does not report its virtual size"),

@@ -55,13 +55,8 @@ async fn observe(context: &Context, view: &DiskView<'_>) -> Result<DiskObserved,
         });
     }
     let namespace = view.namespace;
-    let provisioner = observe_worker(context, namespace, &provisioner_name(view.uid)).await?;
     let claim_name = disk_claim_name(view.name, view.uid);
-    let claim = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), namespace)
-        .get_opt(&claim_name)
-        .await
-        .map_err(Error::kube(format!("reading PVC {namespace}/{claim_name}")))?
-        .map(|claim| claim_state(&claim));
+    let (provisioner, claim) = observe_filling(context, namespace, view.uid, &claim_name).await?;
     let pending_class = claim
         .as_ref()
         .filter(|claim| claim.phase.as_deref() == Some("Pending"))
@@ -92,6 +87,23 @@ async fn observe(context: &Context, view: &DiskView<'_>) -> Result<DiskObserved,
         now,
         fresh_upload_token: Alphanumeric.sample_string(&mut rand::rng(), 32),
     })
+}
+
+/// The provisioner Pod of the resource `owner_uid` and the PVC `claim_name`
+/// it fills.
+pub(super) async fn observe_filling(
+    context: &Context,
+    namespace: &str,
+    owner_uid: &str,
+    claim_name: &str,
+) -> Result<(WorkerState, Option<ClaimState>), Error> {
+    let provisioner = observe_worker(context, namespace, &provisioner_name(owner_uid)).await?;
+    let claim = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), namespace)
+        .get_opt(claim_name)
+        .await
+        .map_err(Error::kube(format!("reading PVC {namespace}/{claim_name}")))?
+        .map(|claim| claim_state(&claim));
+    Ok((provisioner, claim))
 }
 
 /// What the reconciler needs of a PVC.

@@ -5,13 +5,13 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Api, Resource, ResourceExt};
 use rand::distr::{Alphanumeric, SampleString};
 use serde::de::DeserializeOwned;
 
-use super::disks::claim_state;
+use super::disks::observe_filling;
 use super::observe::{source_image, worker_state};
 use super::{execute, Context, Error};
 use crate::api::common::{DataSource, DataSourceType, ObjectRefKind};
@@ -19,7 +19,7 @@ use crate::api::image::{ImagePhase, ImageStorage};
 use crate::api::{ClusterVirtualImage, VirtualImage};
 use crate::reconcile::image::{reconcile, ImageKind, ImageObserved, ImageView, SourceImage};
 use crate::reconcile::{WorkerState, FINALIZER};
-use crate::workload::{image_claim_name, importer_name, provisioner_name, uploader_name, METRICS_PORT};
+use crate::workload::{image_claim_name, importer_name, uploader_name, METRICS_PORT};
 
 /// How long a failed reconcile waits before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(15);
@@ -117,14 +117,7 @@ async fn observe(context: &Context, view: &ImageView<'_>) -> Result<ImageObserve
     };
     let (provisioner, claim) = match in_claim {
         Some(namespace) => {
-            let provisioner = observe_worker(context, namespace, &provisioner_name(view.uid)).await?;
-            let claim_name = image_claim_name(view.name, view.uid);
-            let claim = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), namespace)
-                .get_opt(&claim_name)
-                .await
-                .map_err(Error::kube(format!("reading PVC {namespace}/{claim_name}")))?
-                .map(|claim| claim_state(&claim));
-            (provisioner, claim)
+            observe_filling(context, namespace, view.uid, &image_claim_name(view.name, view.uid)).await?
         }
         None => (WorkerState::Absent, None),
     };
