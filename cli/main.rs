@@ -557,16 +557,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         authentication = !embedded_default && (args.auth.htpasswd.is_some() || args.auth.token_public_key.is_some()),
         "registry serving"
     );
-    match tls {
-        Some(config) => {
-            dvcr_registry::tls::serve(listener, router, config, shutdown_signal()).await;
-            Ok(())
-        }
-        None => axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("server failed"),
-    }
+    dvcr_registry::server::serve(listener, router, tls, shutdown_signal()).await;
+    Ok(())
 }
 
 /// glibc gives each thread that allocates its own arena (up to 8 per

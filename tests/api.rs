@@ -130,6 +130,72 @@ async fn monolithic_blob_push_head_get_and_ranges() {
     expect_error(client.get(&other).send().await.unwrap(), StatusCode::NOT_FOUND, "BLOB_UNKNOWN").await;
 }
 
+/// Blob bodies on plain HTTP/1 connections go out by `sendfile` from a
+/// queue of file segments kept per connection (registry/src/zero_copy.rs):
+/// requests in sequence and pipelined on one connection, many downloads at
+/// once, and HTTP/2 (which streams from memory) must all get exact bytes.
+#[tokio::test]
+async fn blob_downloads_are_exact_in_sequence_pipelined_concurrent_and_over_http2() {
+    let (_directory, server, client) = setup();
+    let data = pseudo_random((5 << 20) / 2 + 12_345, 7);
+    let digest = push_blob(&client, &server, "vi/ns/big", &data).await;
+    let path = format!("/v2/vi/ns/big/blobs/{digest}");
+    let ranges: [(usize, usize); 4] = [(0, data.len()), (1 << 20, (1 << 20) + 3), (17, data.len()), (data.len() - 1, data.len())];
+
+    // One connection, every request sent before any answer is read.
+    let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
+    let mut requests = String::new();
+    for (start, end) in ranges {
+        requests.push_str(&format!("GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes={start}-{}\r\n\r\n", end - 1));
+        requests.push_str(&format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
+    }
+    requests.push_str(&format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+    stream.write_all(requests.as_bytes()).unwrap();
+    let mut answers = Vec::new();
+    stream.read_to_end(&mut answers).unwrap();
+    let mut rest = &answers[..];
+    let mut expected: Vec<(u16, &[u8])> = Vec::new();
+    for (start, end) in ranges {
+        expected.push((206, &data[start..end]));
+        expected.push((200, &[]));
+    }
+    expected.push((200, &data[..]));
+    for (index, (status, body)) in expected.into_iter().enumerate() {
+        let head_end = rest.windows(4).position(|window| window == b"\r\n\r\n").expect("a response head") + 4;
+        let head = String::from_utf8_lossy(&rest[..head_end]).to_string();
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "answer {index}: {head}");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length: ").map(|value| value.trim().parse().unwrap()))
+            .expect("content-length");
+        let is_head = index % 2 == 1 && index < 8;
+        let body_length = if is_head { 0 } else { length };
+        assert!(rest[head_end..head_end + body_length] == *body, "answer {index} carried other bytes");
+        rest = &rest[head_end + body_length..];
+    }
+    assert!(rest.is_empty(), "{} bytes after the last answer", rest.len());
+
+    // Many at once, over HTTP/1.1 and HTTP/2.
+    let http2 = Client::builder().http2_prior_knowledge().build().unwrap();
+    let mut downloads = Vec::new();
+    for round in 0..12 {
+        let (start, end) = ranges[round % ranges.len()];
+        let client = if round % 3 == 2 { http2.clone() } else { client.clone() };
+        let url = server.url(&path);
+        downloads.push(tokio::spawn(async move {
+            let response = client.get(url).header("Range", format!("bytes={start}-{}", end - 1)).send().await.unwrap();
+            (response.version(), start, end, response.bytes().await.unwrap())
+        }));
+    }
+    let mut versions = std::collections::HashSet::new();
+    for download in downloads {
+        let (version, start, end, body) = download.await.unwrap();
+        versions.insert(format!("{version:?}"));
+        assert!(body[..] == data[start..end], "{version:?} bytes {start}-{end} differ");
+    }
+    assert_eq!(versions.len(), 2, "both protocols were used: {versions:?}");
+}
+
 #[tokio::test]
 async fn digest_mismatch_is_refused_and_stores_nothing() {
     let (_directory, server, client) = setup();

@@ -19,6 +19,7 @@ use crate::manifest::{self, MAX_MANIFEST_BYTES, OCI_INDEX};
 use crate::names::{Algorithm, Digest, Reference, RepositoryName, Tag};
 use crate::auth::{needs, Action, Identity, Need};
 use crate::store::{ChunkStart, Store};
+use crate::zero_copy::ZeroCopy;
 use crate::Registry;
 
 const DOCKER_CONTENT_DIGEST: &str = "Docker-Content-Digest";
@@ -206,7 +207,9 @@ async fn dispatch(registry: &Registry, request: Request) -> RegistryResult<Respo
         (Route::Catalog, Method::GET) => catalog(store, &Query::from_request(&request)).await,
         (Route::Tags(name), Method::GET) => tags_list(store, &name, &Query::from_request(&request)).await,
         (Route::Blob(name, digest), method @ (Method::GET | Method::HEAD)) => {
-            get_blob(store, &name, &digest, request.headers(), method == Method::HEAD).await
+            // Only HTTP/1 passes body chunks to the socket as they are.
+            let zero_copy = request.extensions().get::<ZeroCopy>().filter(|_| request.version() <= http::Version::HTTP_11);
+            get_blob(store, &name, &digest, request.headers(), method == Method::HEAD, zero_copy).await
         }
         (Route::Blob(name, digest), Method::DELETE) => delete_blob(store, &name, &digest).await,
         (Route::UploadStart(name), Method::POST) => start_upload(store, &identity, &name, request).await,
@@ -286,6 +289,7 @@ async fn get_blob(
     digest: &str,
     headers: &HeaderMap,
     head_only: bool,
+    zero_copy: Option<&ZeroCopy>,
 ) -> RegistryResult<Response> {
     let digest: Digest = digest.parse()?;
     let size = store
@@ -309,10 +313,14 @@ async fn get_blob(
             .with_header("Content-Range", format!("bytes */{size}")))
         }
     };
-    let body = if head_only {
-        Body::empty()
-    } else {
-        Body::from_stream(TakingTurns::new(store.read_blob(&digest, start, length).await?))
+    let local_file = match (head_only, zero_copy) {
+        (false, Some(_)) => store.open_blob_file(&digest).await?,
+        _ => None,
+    };
+    let body = match (head_only, zero_copy, local_file) {
+        (true, _, _) => Body::empty(),
+        (false, Some(zero_copy), Some(file)) => Body::from_stream(TakingTurns::new(zero_copy.body(file, start, length))),
+        _ => Body::from_stream(TakingTurns::new(store.read_blob(&digest, start, length).await?)),
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;

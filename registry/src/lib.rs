@@ -13,8 +13,10 @@ pub mod layout;
 pub mod manifest;
 pub mod names;
 pub mod observe;
+pub mod server;
 pub mod store;
 pub mod tls;
+pub mod zero_copy;
 
 use std::sync::Arc;
 

@@ -109,6 +109,13 @@ impl Store {
         Ok(self.driver.read(&layout::blob_data(digest)?, offset, Some(length)).await?)
     }
 
+    /// The blob's file, when the storage keeps blobs in local files (see
+    /// [`dvcr_storage::StorageDriver::open_local`]); the caller checked
+    /// that it is visible.
+    pub async fn open_blob_file(&self, digest: &Digest) -> RegistryResult<Option<std::fs::File>> {
+        Ok(self.driver.open_local(&layout::blob_data(digest)?).await?)
+    }
+
     /// Makes a stored blob visible in `name`.
     pub async fn link_blob(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<()> {
         self.write_link(&layout::layer_link(name, digest)?, digest).await

@@ -285,6 +285,11 @@ impl StorageDriver for FilesystemDriver {
         .await
     }
 
+    async fn open_local(&self, path: &StoragePath) -> Result<Option<File>> {
+        let full = self.full_path(path);
+        blocking(path, move || File::open(full).map(Some)).await
+    }
+
     async fn walk(&self, path: &StoragePath) -> Result<Vec<FileInfo>> {
         let full = self.full_path(path);
         let base = path.clone();

@@ -177,6 +177,15 @@ pub trait StorageDriver: Send + Sync + 'static {
 
     /// Every file (not directory) under `path`, recursively, sorted by path.
     async fn walk(&self, path: &StoragePath) -> Result<Vec<FileInfo>>;
+
+    /// The file at `path` opened for reading, when this driver keeps files
+    /// on a local file system: the registry can then hand its pages to a
+    /// socket with `sendfile` instead of copying them through memory.
+    /// `None` for drivers that do not (the default).
+    async fn open_local(&self, path: &StoragePath) -> Result<Option<std::fs::File>> {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,329 @@
+//! Blob downloads sent from the page cache to the socket with `sendfile(2)`.
+//!
+//! A blob download otherwise costs two copies of every byte on the
+//! registry's cores: the file read into memory, and that memory into the
+//! socket. With 64 nodes pulling one image at once those copies are most
+//! of what the registry does. `sendfile` hands the file's pages to the
+//! socket without either.
+//!
+//! hyper writes response bodies from memory only, so a body that should go
+//! out by `sendfile` is made of *placeholder* chunks: slices of one static
+//! region that no other code points into. The connection's socket wrapper,
+//! [`ZeroCopyStream`], recognises a write of placeholder bytes by address
+//! and sends that many bytes of the next queued file segment instead; the
+//! body queued the segment (file, offset, length) when it yielded the
+//! placeholder, and hyper writes body chunks in the order they came, so
+//! the two stay in step. Placeholder bytes with no segment queued end the
+//! connection with an error: zeros are never sent in place of a blob.
+//!
+//! This holds only where hyper passes body chunks to the socket as they
+//! are: HTTP/1 over plain TCP with vectored writes (hyper's queue strategy;
+//! its flatten strategy copies chunks and is never used here). TLS and
+//! HTTP/2 connections get no [`ZeroCopy`] handle and stream blobs as before.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::os::unix::io::AsRawFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Largest placeholder chunk: one segment of a file per body chunk.
+const SEGMENT: usize = 1 << 20;
+/// How much of a file is read into the page cache ahead, on a blocking
+/// thread, so that `sendfile` on a runtime thread seldom waits for a disk.
+const READ_AHEAD: u64 = 8 << 20;
+
+/// The placeholder region. Never written and never read: only its
+/// addresses matter, and its pages are never touched.
+static PLACEHOLDER: [u8; SEGMENT] = [0; SEGMENT];
+
+fn is_placeholder(bytes: &[u8]) -> bool {
+    let start = PLACEHOLDER.as_ptr() as usize;
+    let address = bytes.as_ptr() as usize;
+    !bytes.is_empty() && address >= start && address < start + SEGMENT
+}
+
+/// A part of a file that placeholder bytes stand for.
+struct Segment {
+    file: Arc<File>,
+    offset: u64,
+    remaining: usize,
+}
+
+type Segments = Arc<Mutex<VecDeque<Segment>>>;
+
+fn lock(segments: &Segments) -> std::sync::MutexGuard<'_, VecDeque<Segment>> {
+    segments.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A connection's way to send files: handed to request handlers as a
+/// request extension by connections that can take it.
+#[derive(Clone, Default)]
+pub struct ZeroCopy {
+    segments: Segments,
+}
+
+impl ZeroCopy {
+    /// A handle and the socket wrapper that honours it.
+    pub fn connection(stream: TcpStream) -> (ZeroCopy, ZeroCopyStream) {
+        let zero_copy = ZeroCopy::default();
+        let stream = ZeroCopyStream {
+            stream,
+            segments: zero_copy.segments.clone(),
+        };
+        (zero_copy, stream)
+    }
+
+    /// A response body of `length` bytes of `file` from `offset`, sent by
+    /// this connection's socket straight from the page cache.
+    pub fn body(&self, file: File, offset: u64, length: u64) -> FileBody {
+        FileBody {
+            segments: self.segments.clone(),
+            file: Arc::new(file),
+            offset,
+            end: offset.saturating_add(length),
+            read_ahead_until: offset,
+            reading_ahead: None,
+        }
+    }
+}
+
+type ReadingAhead = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+
+/// The body [`ZeroCopy::body`] makes: placeholder chunks, each with its
+/// file segment queued.
+pub struct FileBody {
+    segments: Segments,
+    file: Arc<File>,
+    offset: u64,
+    end: u64,
+    read_ahead_until: u64,
+    reading_ahead: Option<ReadingAhead>,
+}
+
+impl futures::Stream for FileBody {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let body = &mut *self;
+        if body.offset >= body.end {
+            return Poll::Ready(None);
+        }
+        if body.offset >= body.read_ahead_until && body.reading_ahead.is_none() {
+            let until = body.end.min(body.offset.saturating_add(READ_AHEAD));
+            body.reading_ahead = Some(read_ahead(body.file.clone(), body.offset, until - body.offset));
+            body.read_ahead_until = until;
+        }
+        if let Some(reading) = &mut body.reading_ahead {
+            let outcome = ready!(reading.as_mut().poll(context));
+            body.reading_ahead = None;
+            if let Err(error) = outcome {
+                body.offset = body.end;
+                return Poll::Ready(Some(Err(error)));
+            }
+        }
+        let length = (body.end - body.offset).min(SEGMENT as u64) as usize;
+        lock(&body.segments).push_back(Segment {
+            file: body.file.clone(),
+            offset: body.offset,
+            remaining: length,
+        });
+        body.offset += length as u64;
+        Poll::Ready(Some(Ok(Bytes::from_static(&PLACEHOLDER[..length]))))
+    }
+}
+
+/// Brings a range of `file` into the page cache on a blocking thread
+/// (`readahead(2)` returns once the pages are read).
+fn read_ahead(file: Arc<File>, offset: u64, length: u64) -> ReadingAhead {
+    Box::pin(async move {
+        let reading = tokio::task::spawn_blocking(move || {
+            // SAFETY: readahead only reads its integer arguments; the
+            // descriptor stays open while `file` lives.
+            let result = unsafe {
+                libc::readahead(file.as_raw_fd(), offset as libc::off64_t, length as libc::size_t)
+            };
+            // A file system without readahead support still serves
+            // sendfile; only a failing read is worth reporting, and
+            // sendfile reports that itself.
+            let _ = result;
+        });
+        reading.await.map_err(|error| io::Error::other(error.to_string()))
+    })
+}
+
+/// A TCP connection whose writes of placeholder bytes send file segments.
+pub struct ZeroCopyStream {
+    stream: TcpStream,
+    segments: Segments,
+}
+
+impl ZeroCopyStream {
+    /// Sends up to `most` bytes of the next queued segment.
+    fn poll_send_file(&mut self, context: &mut Context<'_>, most: usize) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(context))?;
+            let segments = self.segments.clone();
+            let socket = self.stream.as_raw_fd();
+            let sent = self.stream.try_io(Interest::WRITABLE, || {
+                let mut queue = lock(&segments);
+                let Some(segment) = queue.front_mut() else {
+                    return Err(io::Error::other("a blob chunk reached the socket without its file segment"));
+                };
+                let want = most.min(segment.remaining);
+                let mut offset = segment.offset as libc::off64_t;
+                // SAFETY: both descriptors are open for the duration of the
+                // call (the socket by `self.stream`, the file by `segment`),
+                // and `offset` is a valid pointer to a local.
+                let sent = unsafe { libc::sendfile64(socket, segment.file.as_raw_fd(), &mut offset, want) };
+                if sent < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let sent = sent as usize;
+                if sent == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the blob's file is shorter than its size"));
+                }
+                segment.offset += sent as u64;
+                segment.remaining -= sent;
+                if segment.remaining == 0 {
+                    queue.pop_front();
+                }
+                Ok(sent)
+            });
+            match sent {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+}
+
+impl AsyncRead for ZeroCopyStream {
+    fn poll_read(mut self: Pin<&mut Self>, context: &mut Context<'_>, buffer: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(context, buffer)
+    }
+}
+
+impl AsyncWrite for ZeroCopyStream {
+    fn poll_write(mut self: Pin<&mut Self>, context: &mut Context<'_>, buffer: &[u8]) -> Poll<io::Result<usize>> {
+        if is_placeholder(buffer) {
+            return self.poll_send_file(context, buffer.len());
+        }
+        Pin::new(&mut self.stream).poll_write(context, buffer)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, context: &mut Context<'_>, buffers: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let Some(first) = buffers.iter().position(|buffer| !buffer.is_empty()) else {
+            return Poll::Ready(Ok(0));
+        };
+        if is_placeholder(&buffers[first]) {
+            return self.poll_send_file(context, buffers[first].len());
+        }
+        // Memory up to the first placeholder goes out as it is.
+        let until = buffers[first..]
+            .iter()
+            .position(|buffer| is_placeholder(buffer))
+            .map_or(buffers.len(), |index| first + index);
+        Pin::new(&mut self.stream).poll_write_vectored(context, &buffers[first..until])
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(context)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(context)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn connected() -> (ZeroCopy, ZeroCopyStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (zero_copy, stream) = ZeroCopy::connection(server);
+        (zero_copy, stream, client)
+    }
+
+    fn file_with(data: &[u8]) -> File {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, data).unwrap();
+        file
+    }
+
+    #[tokio::test]
+    async fn placeholder_chunks_and_memory_go_out_in_order() {
+        let data: Vec<u8> = (0..(3 * SEGMENT + 777) as u32).map(|index| (index % 249) as u8).collect();
+        let (zero_copy, mut stream, mut client) = connected().await;
+        let reader = tokio::spawn(async move {
+            let mut received = Vec::new();
+            client.read_to_end(&mut received).await.unwrap();
+            received
+        });
+        let mut body = zero_copy.body(file_with(&data), 1000, (2 * SEGMENT + 5) as u64);
+        let mut chunks = Vec::new();
+        while let Some(chunk) = body.next().await {
+            chunks.push(chunk.unwrap());
+        }
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks.iter().all(|chunk| is_placeholder(chunk)));
+        let head = Bytes::from_static(b"HEAD\r\n");
+        // One vectored write of memory and placeholders, as hyper makes.
+        let mut pending: VecDeque<Bytes> = std::iter::once(head.clone()).chain(chunks).chain([Bytes::from_static(b"TAIL")]).collect();
+        while !pending.is_empty() {
+            let slices: Vec<IoSlice<'_>> = pending.iter().map(|chunk| IoSlice::new(chunk)).collect();
+            let mut written = std::future::poll_fn(|context| Pin::new(&mut stream).poll_write_vectored(context, &slices)).await.unwrap();
+            drop(slices);
+            while written > 0 {
+                let Some(front) = pending.front_mut() else { break };
+                let step = written.min(front.len());
+                let _ = front.split_to(step);
+                written -= step;
+                if front.is_empty() {
+                    pending.pop_front();
+                }
+            }
+        }
+        stream.shutdown().await.unwrap();
+        drop(stream);
+        let received = reader.await.unwrap();
+        let mut expected = head.to_vec();
+        expected.extend_from_slice(&data[1000..1000 + 2 * SEGMENT + 5]);
+        expected.extend_from_slice(b"TAIL");
+        assert_eq!(received.len(), expected.len());
+        assert!(received == expected, "the socket carried the file's bytes, not the placeholder's");
+    }
+
+    #[tokio::test]
+    async fn placeholder_bytes_without_a_segment_are_refused() {
+        let (_zero_copy, mut stream, _client) = connected().await;
+        let error = stream.write(&PLACEHOLDER[..10]).await.unwrap_err();
+        assert!(error.to_string().contains("without its file segment"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_its_size_ends_the_connection() {
+        let (zero_copy, mut stream, _client) = connected().await;
+        let mut body = zero_copy.body(file_with(b"short"), 0, 100);
+        let chunk = body.next().await.unwrap().unwrap();
+        assert_eq!(stream.write(&chunk).await.unwrap(), 5);
+        let error = stream.write(&chunk[5..]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
