@@ -127,6 +127,7 @@ def main():
     # The herd: every puller GETs the whole blob at once.
     sampler = ManifestSampler(base, manifest_path)
     sampler.start()
+    pull_cpu = cpu_seconds(arguments.pid)
     started = time.perf_counter()
     pullers = [subprocess.Popen(CLIENT_PRIORITY + ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
                                  f"{base}/v2/{arguments.repository}/blobs/{herd_digest}"],
@@ -139,6 +140,7 @@ def main():
         else:
             pulled += int(output[1])
     pull_seconds = time.perf_counter() - started
+    pull_cpu = cpu_seconds(arguments.pid) - pull_cpu if arguments.pid else None
     pull_latency = sampler.stop()
     pull_peak_rss = peak_rss_mib(arguments.pid, reset=True)
 
@@ -152,6 +154,7 @@ def main():
         digest = open(blobs[index] + ".digest").read().strip()
         results[index] = curl_push(base, f"load/push{index}", blobs[index], digest)
 
+    push_cpu = cpu_seconds(arguments.pid)
     started = time.perf_counter()
     threads = [threading.Thread(target=push, args=(index,)) for index in range(len(blobs))]
     for thread in threads:
@@ -159,6 +162,7 @@ def main():
     for thread in threads:
         thread.join()
     push_seconds = time.perf_counter() - started
+    push_cpu = cpu_seconds(arguments.pid) - push_cpu if arguments.pid else None
     push_latency = sampler.stop()
     push_errors = sum(1 for ok, _ in results if not ok)
     pushed = sum(size for ok, size in results if ok)
@@ -173,7 +177,19 @@ def main():
         report["pull"]["peak_rss_mib"] = pull_peak_rss
         report["push"]["peak_rss_mib"] = peak_rss_mib(arguments.pid, reset=False)
         report["peak_rss_mib"] = max(report["pull"]["peak_rss_mib"], report["push"]["peak_rss_mib"])
+        for phase, cpu, moved in (("pull", pull_cpu, pulled), ("push", push_cpu, pushed)):
+            report[phase]["server_cpu_s"] = round(cpu, 2)
+            report[phase]["server_cpu_s_per_gib"] = round(cpu / (moved / 2**30), 3) if moved else None
     print(json.dumps(report))
+
+
+def cpu_seconds(pid):
+    """User and system CPU time the process has used so far, in seconds."""
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid, reset):

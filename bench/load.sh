@@ -58,7 +58,8 @@ for name, report in (("dvcr", dvcr), ("distribution", distribution)):
         r = report[phase]
         m = r["manifest_get"]
         print(f"  {name:12} {phase}: {r['clients']} clients, {r['aggregate_mb_s']} MB/s aggregate in {r['seconds']} s, "
-              f"errors {r['errors']}; manifest GET p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms ({m['samples']} samples, {m['errors']} errors)")
+              f"errors {r['errors']}; manifest GET p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms ({m['samples']} samples, {m['errors']} errors); "
+              f"server CPU {r.get('server_cpu_s')} s, {r.get('server_cpu_s_per_gib')} s per GiB moved")
     print(f"  {name:12} peak RSS {report.get('peak_rss_mib')} MiB (pull {report['pull'].get('peak_rss_mib')}, push {report['push'].get('peak_rss_mib')})")
 for phase in ("pull", "push"):
     print(f"{phase} ratio dvcr/distribution: {dvcr[phase]['aggregate_mb_s'] / distribution[phase]['aggregate_mb_s']:.2f}x")
