@@ -34,8 +34,12 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Largest placeholder chunk: one segment of a file per body chunk.
-const SEGMENT: usize = 1 << 20;
+/// Largest placeholder chunk: one segment of a file per body chunk. One
+/// `sendfile` of a segment is one turn of a download on a runtime thread
+/// (hyper writes a chunk, then the body yields); with 64 downloads at 1 MiB
+/// a turn, a manifest GET waited for rounds of ~16 ms (`bench/load.sh`:
+/// p99 44-59 ms during a pull herd), at 256 KiB 26-32 ms.
+const SEGMENT: usize = 256 << 10;
 /// How much of a file is read into the page cache ahead, on a blocking
 /// thread, so that `sendfile` on a runtime thread seldom waits for a disk.
 const READ_AHEAD: u64 = 8 << 20;

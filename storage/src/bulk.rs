@@ -5,13 +5,17 @@
 //! the async workers that answer requests. At equal priority a manifest GET
 //! waits for its share behind all of them (p99 over 150 ms with 16 uploads
 //! on two cores); at a lower one the bulk work takes what the requests
-//! leave, which on an idle machine is everything. Dedicated threads rather
+//! leave, which on an idle machine is everything. Nice +10 rather than +5:
+//! with 16 uploads each thread at +5 still weighs a third of a runtime
+//! worker, and 32 of them outweighed the two workers (`bench/load.sh`:
+//! manifest p99 during pushes 35-78 ms at +5, 21-27 ms at +10, push
+//! throughput unchanged). Dedicated threads rather
 //! than the shared blocking pool, because a thread cannot raise its
 //! priority again without CAP_SYS_NICE, and a pool thread is reused for
 //! small work later.
 
 /// The nice value added to bulk threads.
-const BULK_NICENESS: libc::c_int = 5;
+const BULK_NICENESS: libc::c_int = 10;
 
 /// Runs `work` on a new thread named `name` at the bulk priority.
 pub fn spawn_bulk<F>(name: &str, work: F) -> std::io::Result<()>
