@@ -18,8 +18,11 @@
 //!
 //! This holds only where hyper passes body chunks to the socket as they
 //! are: HTTP/1 over plain TCP with vectored writes (hyper's queue strategy;
-//! its flatten strategy copies chunks and is never used here). TLS and
-//! HTTP/2 connections get no [`ZeroCopy`] handle and stream blobs as before.
+//! its flatten strategy copies chunks and is never used here). A copied
+//! chunk would go out as the placeholder's zeros without this wrapper
+//! noticing; the end-to-end test that compares downloaded bytes is what
+//! catches a hyper that starts copying. TLS and HTTP/2 connections stream
+//! blobs through the storage driver's `read` instead.
 
 use std::collections::VecDeque;
 use std::fs::File;
