@@ -313,14 +313,17 @@ async fn get_blob(
             .with_header("Content-Range", format!("bytes */{size}")))
         }
     };
-    let local_file = match (head_only, zero_copy) {
-        (false, Some(_)) => store.open_blob_file(&digest).await?,
-        _ => None,
-    };
-    let body = match (head_only, zero_copy, local_file) {
-        (true, _, _) => Body::empty(),
-        (false, Some(zero_copy), Some(file)) => Body::from_stream(TakingTurns::new(zero_copy.body(file, start, length))),
-        _ => Body::from_stream(TakingTurns::new(store.read_blob(&digest, start, length).await?)),
+    let body = if head_only {
+        Body::empty()
+    } else {
+        let local_file = match zero_copy {
+            Some(_) => store.open_blob_file(&digest).await?,
+            None => None,
+        };
+        match zero_copy.zip(local_file) {
+            Some((zero_copy, file)) => Body::from_stream(TakingTurns::new(zero_copy.body(file, start, length))),
+            None => Body::from_stream(TakingTurns::new(store.read_blob(&digest, start, length).await?)),
+        }
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;

@@ -13,8 +13,8 @@
 //! and sends that many bytes of the next queued file segment instead; the
 //! body queued the segment (file, offset, length) when it yielded the
 //! placeholder, and hyper writes body chunks in the order they came, so
-//! the two stay in step. Placeholder bytes with no segment queued end the
-//! connection with an error: zeros are never sent in place of a blob.
+//! the two stay in step. Placeholder bytes with no segment queued (the two
+//! out of step) end the connection with an error.
 //!
 //! This holds only where hyper passes body chunks to the socket as they
 //! are: HTTP/1 over plain TCP with vectored writes (hyper's queue strategy;
@@ -40,13 +40,14 @@ use tokio::net::TcpStream;
 
 /// Largest placeholder chunk: one segment of a file per body chunk.
 const SEGMENT: usize = 1 << 20;
-/// The segment while many downloads run at once. One `sendfile` of a
-/// segment is one turn of a download on a runtime thread (hyper writes a
-/// chunk, then the body yields); with 64 downloads at 1 MiB a turn, a
-/// manifest GET waited for rounds of ~16 ms (`bench/load.sh`: p99 44-59 ms
-/// during a pull herd), at 256 KiB 26-32 ms. A lone download goes faster
-/// in larger turns (2.46-2.79 against 2.41-2.46 GB/s, one curl on
-/// loopback).
+/// The segment while many downloads run at once. A download's turn on a
+/// runtime thread ends when the body yields, after `api::TURN_BYTES`
+/// (512 KiB) or after one chunk if that is larger: at 1 MiB segments a
+/// turn is one 1 MiB `sendfile`, at 256 KiB two of them. With 64 downloads
+/// at 1 MiB a turn, a manifest GET waited for rounds of ~16 ms
+/// (`bench/load.sh`: p99 44-59 ms during a pull herd), at 512 KiB turns
+/// 26-32 ms. A lone download goes faster in larger turns (2.46-2.79
+/// against 2.41-2.46 GB/s, one curl on loopback).
 const BUSY_SEGMENT: usize = 256 << 10;
 /// File bodies sending at once above which segments are [`BUSY_SEGMENT`].
 const BUSY_DOWNLOADS: usize = 8;
@@ -171,15 +172,12 @@ impl Drop for FileBody {
 fn read_ahead(file: Arc<File>, offset: u64, length: u64) -> ReadingAhead {
     Box::pin(async move {
         let reading = tokio::task::spawn_blocking(move || {
+            // Its result is not looked at: a file system without readahead
+            // still serves sendfile, and a failing read is reported by
+            // sendfile itself.
             // SAFETY: readahead only reads its integer arguments; the
             // descriptor stays open while `file` lives.
-            let result = unsafe {
-                libc::readahead(file.as_raw_fd(), offset as libc::off64_t, length as libc::size_t)
-            };
-            // A file system without readahead support still serves
-            // sendfile; only a failing read is worth reporting, and
-            // sendfile reports that itself.
-            let _ = result;
+            unsafe { libc::readahead(file.as_raw_fd(), offset as libc::off64_t, length as libc::size_t) };
         });
         reading.await.map_err(|error| io::Error::other(error.to_string()))
     })
@@ -196,10 +194,10 @@ impl ZeroCopyStream {
     fn poll_send_file(&mut self, context: &mut Context<'_>, most: usize) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.stream.poll_write_ready(context))?;
-            let segments = self.segments.clone();
+            let segments = &self.segments;
             let socket = self.stream.as_raw_fd();
             let sent = self.stream.try_io(Interest::WRITABLE, || {
-                let mut queue = lock(&segments);
+                let mut queue = lock(segments);
                 let Some(segment) = queue.front_mut() else {
                     return Err(io::Error::other("a blob chunk reached the socket without its file segment"));
                 };
