@@ -187,8 +187,15 @@ impl PooledBuffer {
         self.len() >= self.pool.size
     }
 
-    fn bytes(&self) -> &[u8] {
+    /// The bytes held; they start on a page boundary.
+    pub fn bytes(&self) -> &[u8] {
         held(&self.data)
+    }
+
+    /// Forgets the bytes held, keeping the memory for the next fill.
+    pub fn clear(&mut self) {
+        let start = page_start(&self.data);
+        self.data.truncate(start);
     }
 
     /// The bytes as a chunk; the buffer goes back to the pool when the

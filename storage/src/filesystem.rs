@@ -3,18 +3,17 @@
 //! Large reads and writes run on threads of their own so that disk I/O
 //! overlaps with hashing and with the network: a writer thread takes chunks
 //! from a bounded channel (memory stays bounded whatever the file size) and
-//! asks the kernel to start writeback as it goes, so that the final fsync
-//! finds little left to flush.
+//! writes them around the page cache where it can ([`crate::direct`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::direct::DirectAppender;
 use crate::{ByteStream, FileInfo, FileWriter, Result, StorageDriver, StorageError, StoragePath};
 
 /// Size of the chunks a read streams.
@@ -36,8 +35,6 @@ static READ_CHUNKS: std::sync::LazyLock<std::sync::Arc<crate::budget::BufferPool
 const READ_AHEAD_CHUNKS: usize = 2;
 /// Chunks a writer may have queued behind the disk.
 const WRITE_QUEUE_CHUNKS: usize = 32;
-/// How much a writer writes before it asks the kernel to start writeback.
-const WRITEBACK_WINDOW: u64 = 8 << 20;
 /// Prefix of temporary files; they are never listed.
 const TEMP_PREFIX: &str = ".dvcr-tmp-";
 
@@ -206,21 +203,14 @@ impl StorageDriver for FilesystemDriver {
 
     async fn writer(&self, path: &StoragePath, append: bool) -> Result<Box<dyn FileWriter>> {
         let full = self.full_path(path);
-        let file = blocking(path, move || {
+        let appender = blocking(path, move || {
             create_parent(&full)?;
-            let mut options = OpenOptions::new();
-            options.write(true).create(true);
-            if append {
-                options.append(true);
-            } else {
-                options.truncate(true);
-            }
-            let file = options.open(&full)?;
+            let file = OpenOptions::new().write(true).create(true).truncate(!append).open(&full)?;
             let size = file.metadata()?.len();
-            Ok((file, size))
+            Ok(DirectAppender::open(&full, file, size))
         })
         .await?;
-        let writer = FilesystemWriter::start(path.to_string(), file.0, file.1).map_err(|error| StorageError::from_io(path.as_str(), error))?;
+        let writer = FilesystemWriter::start(path.to_string(), appender).map_err(|error| StorageError::from_io(path.as_str(), error))?;
         Ok(Box::new(writer))
     }
 
@@ -360,11 +350,12 @@ struct FilesystemWriter {
 }
 
 impl FilesystemWriter {
-    fn start(path: String, file: File, size: u64) -> io::Result<Self> {
+    fn start(path: String, appender: DirectAppender) -> io::Result<Self> {
+        let size = appender.size();
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE_CHUNKS);
         let (report, outcome) = oneshot::channel();
         crate::bulk::spawn_bulk("dvcr-write", move || {
-            let _ = report.send(run_writer(file, size, receiver));
+            let _ = report.send(run_writer(appender, receiver));
         })?;
         Ok(FilesystemWriter {
             path,
@@ -395,47 +386,24 @@ impl FilesystemWriter {
     }
 }
 
-fn run_writer(
-    mut file: File,
-    mut size: u64,
-    mut commands: mpsc::Receiver<WriterCommand>,
-) -> io::Result<u64> {
-    let mut writeback_start = size;
+fn run_writer(mut appender: DirectAppender, mut commands: mpsc::Receiver<WriterCommand>) -> io::Result<u64> {
     while let Some(command) = commands.blocking_recv() {
         match command {
-            WriterCommand::Data(chunk) => {
-                file.write_all(&chunk)?;
-                size += chunk.len() as u64;
-                if size - writeback_start >= WRITEBACK_WINDOW {
-                    start_writeback(&file, writeback_start, size - writeback_start);
-                    writeback_start = size;
-                }
-            }
+            WriterCommand::Data(chunk) => appender.append(&chunk)?,
             WriterCommand::Finish { durable } => {
                 if durable {
-                    file.sync_data()?;
+                    appender.sync()?;
+                } else {
+                    appender.flush()?;
                 }
-                return Ok(size);
+                tracing::debug!(size = appender.size(), direct = appender.direct_bytes(), durable, "writer finished");
+                return Ok(appender.size());
             }
         }
     }
-    Ok(size)
-}
-
-/// Asks the kernel to start writing a range back to disk without waiting,
-/// so the fsync at commit has little left to do. Only a hint: errors surface
-/// at that fsync.
-fn start_writeback(file: &File, offset: u64, length: u64) {
-    // SAFETY: sync_file_range only reads its integer arguments; the file
-    // descriptor is valid for the lifetime of `file`.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            length as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
+    // A writer dropped without close or commit keeps what it was given.
+    appender.flush()?;
+    Ok(appender.size())
 }
 
 #[async_trait]

@@ -19,6 +19,7 @@
 
 pub mod budget;
 pub mod bulk;
+mod direct;
 pub mod filesystem;
 pub mod memory;
 mod path;
