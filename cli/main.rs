@@ -311,6 +311,9 @@ struct StorageArgs {
     /// Folder that holds the registry's data (filesystem storage, used when no --s3-bucket is given).
     #[arg(long, default_value = "./dvcr-data")]
     storage_dir: PathBuf,
+    /// Write blobs into the storage folder through the page cache instead of around it (O_DIRECT, the default): for network file systems such as NFS, where each direct write is a round trip to the server.
+    #[arg(long)]
+    storage_page_cache: bool,
     /// Store in this S3 bucket instead of a folder; every replica given the same bucket serves the same registry.
     #[arg(long)]
     s3_bucket: Option<String>,
@@ -348,7 +351,8 @@ impl StorageArgs {
     async fn open(&self) -> anyhow::Result<(Arc<dyn dvcr_storage::StorageDriver>, String)> {
         let Some(bucket) = &self.s3_bucket else {
             let driver = FilesystemDriver::new(&self.storage_dir)
-                .with_context(|| format!("cannot use storage folder {}", self.storage_dir.display()))?;
+                .with_context(|| format!("cannot use storage folder {}", self.storage_dir.display()))?
+                .with_direct_writes(!self.storage_page_cache);
             return Ok((Arc::new(driver), format!("folder {}", self.storage_dir.display())));
         };
         if self.s3_part_size_mib < 8 {

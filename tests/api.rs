@@ -335,6 +335,53 @@ async fn chunked_upload_with_status_out_of_order_and_finish() {
     expect_error(response, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
 }
 
+/// Uploads in chunks of odd sizes, starting at odd offsets, are stored
+/// byte for byte whether blob writes go around the page cache (the default,
+/// `O_DIRECT` with a staging buffer for what is not aligned) or through it
+/// (`--storage-page-cache`).
+#[tokio::test]
+async fn odd_chunks_are_stored_exactly_around_and_through_the_page_cache() {
+    for extra in [&[][..], &["--storage-page-cache"][..]] {
+        let directory = tempfile::tempdir().unwrap();
+        let server = Server::start_free(&directory.path().join("data"), extra);
+        let client = Client::new();
+        let data = pseudo_random(5_000_000 + 4_097, 9);
+        let digest = sha256_digest(&data);
+        let response = client.post(server.url("/v2/vi/ns/odd/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+        let mut location = header(&response, "Location");
+        let cuts = [0, 4_095, 4_096 + 1_048_577, 3_000_000, 4_194_304, data.len() - 1];
+        for window in cuts.windows(2) {
+            let response = client
+                .patch(server.url(&location))
+                .body(data[window[0]..window[1]].to_vec())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202, "{extra:?}");
+            assert_eq!(header(&response, "Range"), format!("0-{}", window[1] - 1));
+            location = header(&response, "Location");
+        }
+        let response = client
+            .put(server.url(&format!("{location}?digest={digest}")))
+            .body(data[data.len() - 1..].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{extra:?}");
+        let fetched = client
+            .get(server.url(&format!("/v2/vi/ns/odd/blobs/{digest}")))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(fetched == data, "{extra:?}: the blob read back differs");
+        assert_eq!(stored_blob_files(&server), vec![(digest.clone(), digest)], "{extra:?}");
+    }
+}
+
 #[tokio::test]
 async fn upload_survives_a_restart_and_can_be_cancelled() {
     let directory = tempfile::tempdir().unwrap();

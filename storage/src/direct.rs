@@ -58,8 +58,11 @@ pub struct DirectAppender {
 impl DirectAppender {
     /// Opens `path`, already created and holding `size` bytes, for
     /// appending after them. `buffered` is that file opened for writing.
-    pub fn open(path: &Path, buffered: File, size: u64) -> Self {
-        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok();
+    /// Without `try_direct` everything goes through the page cache.
+    pub fn open(path: &Path, buffered: File, size: u64, try_direct: bool) -> Self {
+        let direct = try_direct
+            .then(|| OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok())
+            .flatten();
         DirectAppender {
             buffered,
             direct,
@@ -234,7 +237,7 @@ mod tests {
     fn appender(path: &Path, append: bool) -> DirectAppender {
         let file = OpenOptions::new().write(true).create(true).truncate(!append).open(path).unwrap();
         let size = file.metadata().unwrap().len();
-        DirectAppender::open(path, file, size)
+        DirectAppender::open(path, file, size, true)
     }
 
     /// Aligned chunks, odd-sized and misaligned ones, and appends resumed
@@ -288,12 +291,12 @@ mod tests {
     }
 
     #[test]
-    fn a_file_system_without_o_direct_gets_everything_buffered() {
+    fn without_direct_writes_everything_goes_through_the_page_cache() {
         let folder = tempfile::tempdir().unwrap();
         let path = folder.path().join("blob");
         let file = OpenOptions::new().write(true).create(true).truncate(true).open(&path).unwrap();
-        let mut writer = DirectAppender::open(&path, file, 0);
-        writer.direct = None;
+        let mut writer = DirectAppender::open(&path, file, 0, false);
+        assert!(writer.direct.is_none());
         let data = aligned_copy(&pattern(2 << 20, 5));
         writer.append(&data).unwrap();
         writer.append(&data[3..]).unwrap();

@@ -42,6 +42,7 @@ const TEMP_PREFIX: &str = ".dvcr-tmp-";
 #[derive(Debug, Clone)]
 pub struct FilesystemDriver {
     root: PathBuf,
+    direct_writes: bool,
 }
 
 impl FilesystemDriver {
@@ -50,7 +51,17 @@ impl FilesystemDriver {
         let root = root.into();
         fs::create_dir_all(&root)
             .map_err(|error| StorageError::from_io(&root.display().to_string(), error))?;
-        Ok(FilesystemDriver { root })
+        Ok(FilesystemDriver { root, direct_writes: true })
+    }
+
+    /// Whether large writes go around the page cache (`O_DIRECT`, the
+    /// default) or through it. Direct writes cost a fraction of the CPU
+    /// on local disks and block devices; on a network file system such as
+    /// NFS each one is a round trip to the server, and the page cache,
+    /// which gathers them, is faster.
+    pub fn with_direct_writes(mut self, direct_writes: bool) -> Self {
+        self.direct_writes = direct_writes;
+        self
     }
 
     /// The directory this driver stores into.
@@ -203,11 +214,12 @@ impl StorageDriver for FilesystemDriver {
 
     async fn writer(&self, path: &StoragePath, append: bool) -> Result<Box<dyn FileWriter>> {
         let full = self.full_path(path);
+        let direct_writes = self.direct_writes;
         let appender = blocking(path, move || {
             create_parent(&full)?;
             let file = OpenOptions::new().write(true).create(true).truncate(!append).open(&full)?;
             let size = file.metadata()?.len();
-            Ok(DirectAppender::open(&full, file, size))
+            Ok(DirectAppender::open(&full, file, size, direct_writes))
         })
         .await?;
         let writer = FilesystemWriter::start(path.to_string(), appender).map_err(|error| StorageError::from_io(path.as_str(), error))?;
@@ -451,22 +463,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chunked_writes_and_appends_agree() {
-        let directory = tempfile::tempdir().unwrap();
-        let driver = FilesystemDriver::new(directory.path()).unwrap();
-        let path = StoragePath::new("blob").unwrap();
-        let data: Vec<u8> = (0..(9 << 20) + 123u32).map(|index| (index * 7 % 253) as u8).collect();
-        let mut writer = driver.writer(&path, false).await.unwrap();
-        for chunk in data[..5 << 20].chunks(65_537) {
-            writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+    async fn chunked_writes_and_appends_agree_around_and_through_the_page_cache() {
+        for direct_writes in [true, false] {
+            let directory = tempfile::tempdir().unwrap();
+            let driver = FilesystemDriver::new(directory.path()).unwrap().with_direct_writes(direct_writes);
+            let path = StoragePath::new("blob").unwrap();
+            let data: Vec<u8> = (0..(9 << 20) + 123u32).map(|index| (index * 7 % 253) as u8).collect();
+            let mut writer = driver.writer(&path, false).await.unwrap();
+            for chunk in data[..5 << 20].chunks(65_537) {
+                writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+            }
+            writer.close().await.unwrap();
+            let mut writer = driver.writer(&path, true).await.unwrap();
+            for chunk in data[5 << 20..].chunks(1_000_003) {
+                writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+            }
+            assert_eq!(writer.commit().await.unwrap(), data.len() as u64);
+            assert!(fs::read(directory.path().join("blob")).unwrap() == data, "direct writes: {direct_writes}");
         }
-        writer.close().await.unwrap();
-        let mut writer = driver.writer(&path, true).await.unwrap();
-        for chunk in data[5 << 20..].chunks(1_000_003) {
-            writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
-        }
-        assert_eq!(writer.commit().await.unwrap(), data.len() as u64);
-        assert_eq!(fs::read(directory.path().join("blob")).unwrap(), data);
     }
 
     #[tokio::test]
