@@ -30,6 +30,8 @@ use crate::budget::{BufferPool, PooledBuffer};
 const BLOCK: usize = 4096;
 /// Size of the staging buffers misaligned data is gathered in.
 const STAGING: usize = 1 << 20;
+/// Most chunks one vectored direct write takes (16 MiB of 1 MiB chunks).
+const MAX_VECTORED: usize = 16;
 /// How much goes through the page cache before the kernel is asked to start
 /// writing it back, so that the final fsync finds little left.
 const WRITEBACK_WINDOW: u64 = 8 << 20;
@@ -111,6 +113,89 @@ impl DirectAppender {
             }
         }
         Ok(())
+    }
+
+    /// Appends `chunks` in order. A run of chunks that can all go directly
+    /// as they are (page-aligned memory, whole blocks, at an aligned end of
+    /// file with nothing staged) is written with one `pwritev`: each direct
+    /// write waits for the device, and on busy cores for the scheduler to
+    /// run this thread again, so fewer and larger ones go faster.
+    pub fn append_all(&mut self, chunks: &[impl AsRef<[u8]>]) -> io::Result<()> {
+        let mut index = 0;
+        while index < chunks.len() {
+            let run = self.direct_run(&chunks[index..]);
+            if run < 2 {
+                self.append(chunks[index].as_ref())?;
+                index += 1;
+                continue;
+            }
+            let written = self.write_direct_vectored(&chunks[index..index + run])?;
+            // Whatever a short write left goes the ordinary way.
+            let mut skip = written;
+            for chunk in &chunks[index..index + run] {
+                let chunk = chunk.as_ref();
+                if skip >= chunk.len() {
+                    skip -= chunk.len();
+                    continue;
+                }
+                self.append(&chunk[skip..])?;
+                skip = 0;
+            }
+            index += run;
+        }
+        Ok(())
+    }
+
+    /// How many of `chunks`, from the first, can be written directly as
+    /// they are.
+    fn direct_run(&self, chunks: &[impl AsRef<[u8]>]) -> usize {
+        if self.direct.is_none() || !self.staged.is_empty() || !self.size.is_multiple_of(BLOCK as u64) {
+            return 0;
+        }
+        chunks
+            .iter()
+            .take(MAX_VECTORED)
+            .take_while(|chunk| {
+                let chunk = chunk.as_ref();
+                !chunk.is_empty() && chunk.len().is_multiple_of(BLOCK) && is_aligned(chunk.as_ptr() as usize)
+            })
+            .count()
+    }
+
+    /// One `pwritev` of aligned chunks at the end of the file; returns the
+    /// bytes written (all of them, unless the device took fewer or the
+    /// file system refused direct I/O, when it is 0).
+    fn write_direct_vectored(&mut self, chunks: &[impl AsRef<[u8]>]) -> io::Result<usize> {
+        let Some(direct) = &self.direct else { return Ok(0) };
+        let slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|chunk| io::IoSlice::new(chunk.as_ref())).collect();
+        let written = loop {
+            // SAFETY: IoSlice is ABI-compatible with iovec on Unix; the
+            // slices borrow `chunks`, which outlive the call, and the
+            // descriptor is valid for the lifetime of `direct`.
+            let result = unsafe {
+                libc::pwritev(
+                    direct.as_raw_fd(),
+                    slices.as_ptr().cast::<libc::iovec>(),
+                    slices.len() as libc::c_int,
+                    self.size as libc::off_t,
+                )
+            };
+            if result >= 0 {
+                break result as usize;
+            }
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                io::ErrorKind::Interrupted => continue,
+                _ if error.raw_os_error() == Some(libc::EINVAL) => {
+                    self.refuse_direct(&error);
+                    return Ok(0);
+                }
+                _ => return Err(error),
+            }
+        };
+        self.direct_bytes += written as u64;
+        self.size += written as u64;
+        Ok(written)
     }
 
     /// Writes what is staged: its whole blocks directly, the odd end
@@ -287,6 +372,37 @@ mod tests {
             assert!(second_direct >= 6 << 20, "staged data went direct: {second_direct}");
         } else {
             assert_eq!(first_direct + second_direct, 0);
+        }
+    }
+
+    /// Batches mixing runs of aligned chunks (one `pwritev` each) with
+    /// misaligned ones read back in order.
+    #[test]
+    fn batches_of_aligned_and_misaligned_chunks_read_back_in_order() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("blob");
+        let mut writer = appender(&path, false);
+        let supports_direct = writer.direct.is_some();
+        let aligned: Vec<bytes::Bytes> = (0..5).map(|seed| aligned_copy(&pattern(1 << 20, 3 + seed))).collect();
+        let odd = bytes::Bytes::from(pattern(10_001, 29));
+        let batch = vec![
+            aligned[0].clone(),
+            aligned[1].clone(),
+            odd.clone(),
+            aligned[2].clone(),
+            aligned[3].clone(),
+            odd.slice(1..),
+            aligned[4].clone(),
+        ];
+        writer.append_all(&batch).unwrap();
+        writer.append_all(&aligned[..2]).unwrap();
+        writer.sync().unwrap();
+        let mut expected: Vec<u8> = batch.iter().flat_map(|chunk| chunk.iter().copied()).collect();
+        expected.extend(aligned[..2].iter().flat_map(|chunk| chunk.iter().copied()));
+        assert!(std::fs::read(&path).unwrap() == expected, "the file differs from the chunks written");
+        assert_eq!(writer.size(), expected.len() as u64);
+        if supports_direct {
+            assert!(writer.direct_bytes() >= 4 << 20, "direct: {}", writer.direct_bytes());
         }
     }
 

@@ -398,10 +398,33 @@ impl FilesystemWriter {
     }
 }
 
+/// Most chunks taken from the queue for one batch of writes.
+const WRITE_BATCH_CHUNKS: usize = 16;
+
 fn run_writer(mut appender: DirectAppender, mut commands: mpsc::Receiver<WriterCommand>) -> io::Result<u64> {
-    while let Some(command) = commands.blocking_recv() {
+    let mut batch = Vec::with_capacity(WRITE_BATCH_CHUNKS);
+    let mut next = commands.blocking_recv();
+    while let Some(command) = next.take() {
         match command {
-            WriterCommand::Data(chunk) => appender.append(&chunk)?,
+            WriterCommand::Data(chunk) => {
+                // What has queued up meanwhile is written together.
+                batch.push(chunk);
+                while batch.len() < WRITE_BATCH_CHUNKS {
+                    match commands.try_recv() {
+                        Ok(WriterCommand::Data(chunk)) => batch.push(chunk),
+                        Ok(finish) => {
+                            next = Some(finish);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                appender.append_all(&batch)?;
+                batch.clear();
+                if next.is_none() {
+                    next = commands.blocking_recv();
+                }
+            }
             WriterCommand::Finish { durable } => {
                 if durable {
                     appender.sync()?;
