@@ -575,6 +575,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// threshold fixed at 1 MiB. (Uploads gather into 1 MiB chunks, which
 /// would each be a fresh mapping above that threshold, zeroed and faulted
 /// in page by page; they come from a pool of recycled buffers instead.)
+/// Fixing the mmap threshold also fixes the trim threshold at glibc's
+/// 128 KiB: each time the top of a heap had more free than that, it was
+/// given back and faulted in again at the next allocation (hyper's read
+/// buffers are a few hundred KiB). 4 MiB: two 1 GiB pushes took 17,705
+/// page faults instead of 130,622 and 8% less CPU, at the same peak RSS.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it is called
@@ -582,6 +587,7 @@ fn tune_malloc() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
 }
 
