@@ -1,6 +1,7 @@
 //! `dvcr`: the one binary of DVCR, with a subcommand per job.
 
 mod controller;
+mod store_destination;
 mod token;
 mod transfer;
 
@@ -550,10 +551,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
         tracing::info!(listen = %address, "metrics and probes serving");
     }
-    let mut router = dvcr_registry::router_for(registry);
-    if embedded_default {
-        router = router.merge(transfer::upload_sessions(listener.local_addr()?, args.upload_session_lifetime)?);
-    }
+    let sessions = if embedded_default {
+        transfer::upload_sessions(registry.store.clone(), listener.local_addr()?, args.upload_session_lifetime)
+    } else {
+        axum::Router::new()
+    };
+    let router = dvcr_registry::router_with(registry, sessions);
     tracing::info!(
         listen = %listener.local_addr()?,
         %storage,

@@ -399,9 +399,9 @@ pub fn run_upload_server(args: UploadServerArgs) -> Result<(), CommandFailure> {
     runtime.block_on(upload_server(args))
 }
 
-/// The upload sessions `dvcr serve` offers: uploads are pushed back to the
-/// registry itself over loopback, through the same pipeline as imports.
-pub fn upload_sessions(listening: SocketAddr, lifetime: Duration) -> anyhow::Result<axum::Router> {
+/// The upload sessions `dvcr serve` offers: uploads go through the same
+/// pipeline as imports, straight into the registry's store.
+pub fn upload_sessions(store: Arc<dvcr_registry::Store>, listening: SocketAddr, lifetime: Duration) -> axum::Router {
     use dvcr_importer::upload_server::{session_router, UploadSessions};
     let port = listening.port();
     let host = if listening.ip().is_unspecified() || listening.ip().is_loopback() {
@@ -409,12 +409,7 @@ pub fn upload_sessions(listening: SocketAddr, lifetime: Duration) -> anyhow::Res
     } else {
         listening.to_string()
     };
-    let own = ImageReference {
-        host: host.clone(),
-        repository: "self".into(),
-        reference: "latest".into(),
-    };
-    let client = RegistryClient::new(&own, &ClientOptions { plain_http: true, ..ClientOptions::default() })?;
+    let destination = Arc::new(crate::store_destination::StoreDestination::new(store));
     let options = PipelineOptions {
         checksums: Vec::new(),
         max_virtual_size: dvcr_converter::DEFAULT_MAX_VIRTUAL_SIZE,
@@ -426,7 +421,7 @@ pub fn upload_sessions(listening: SocketAddr, lifetime: Duration) -> anyhow::Res
         hash_layer: false,
         forced_format: None,
     };
-    Ok(session_router(Arc::new(UploadSessions::new(Arc::new(client), host, options, lifetime))))
+    session_router(Arc::new(UploadSessions::new(destination, host, options, lifetime)))
 }
 
 /// How a remote source is reached.

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::image::pseudo_random;
-use common::{free_port, require_tool, run, wait_for_listener, Server, DVCR};
+use common::{free_port, metric, require_tool, run, wait_for_listener, Server, DVCR};
 use serde_json::Value;
 
 /// A qcow2 with some data, made by qemu-img.
@@ -227,8 +227,30 @@ fn serve_hands_out_single_use_upload_urls() {
     assert!(token.bytes().all(|byte| byte.is_ascii_alphanumeric()));
     let url = server.url(&path);
     assert_eq!(curl(&[&url]).0, 200);
+    // Cut off half-way: nothing is tagged, no upload is left open, and the
+    // session takes the next upload.
+    let (status, _) = curl(&["--limit-rate", "1M", "--max-time", "1", "-T", &image_path, &url]);
+    assert!(status == 0 || status == 100, "the interrupted upload got an answer: {status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while curl(&["-X", "PUT", "--data-binary", "", &url]).0 == 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tags = curl(&[&server.url("/v2/vi/vms/session/tags/list")]).1;
+    assert!(!tags.contains("uid"), "an interrupted upload left a tag: {tags}");
+    let left = common::storage::StoredView::of(&server.storage).files("docker/registry/v2/repositories/vi/vms/session/_uploads");
+    assert!(left.is_empty(), "the interrupted upload's data was left: {left:?}");
     let (status, body) = curl(&["-T", &image_path, &url]);
     assert_eq!(status, 200, "{body}");
+    // The session stores straight into the registry's store: no push to
+    // itself over HTTP; the session's own requests are counted.
+    let (_, metrics) = curl(&[&server.url("/metrics")]);
+    let other = metric(&metrics, "dvcr_http_requests_total", &["route=\"other\""]);
+    assert!(other >= 3.0, "session creation, its GET and the upload: {metrics}");
+    assert!(metric(&metrics, "dvcr_http_received_bytes_total", &[]) >= image.len() as f64, "{metrics}");
+    for route in ["upload_start", "upload", "manifest"] {
+        let label = format!("route=\"{route}\"");
+        assert_eq!(metric(&metrics, "dvcr_http_requests_total", &[&label]), 0.0, "{metrics}");
+    }
     assert_eq!(stored_file(&server, "vi/vms/session", "uid"), image);
     assert_eq!(curl(&["-T", &image_path, &url]).0, 409);
     assert_eq!(curl(&[&server.url("/upload/notatoken")]).0, 404);

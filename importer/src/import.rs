@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::artifact;
 use crate::channel_io::{ChannelReader, ChannelWriter, CHANNEL_DEPTH};
+use crate::destination::Destination;
 use crate::http_source::{HttpSource, RetryPolicy};
 use crate::pipeline::{build_layer, ImageFacts, PipelineOptions};
 use crate::progress::{Progress, Report};
@@ -153,7 +154,7 @@ pub async fn import(request: ImportRequest, progress: Arc<Progress>) -> Result<R
 /// Streams `reader` through the pipeline into the registry and tags the
 /// result: the part shared by imports and uploads.
 pub async fn push_stream(
-    client: &RegistryClient,
+    client: &dyn Destination,
     destination: &ImageReference,
     reader: Box<dyn Read + Send>,
     length: Option<u64>,
@@ -161,7 +162,7 @@ pub async fn push_stream(
     progress: &Arc<Progress>,
 ) -> Result<ImageFacts, ImportError> {
     let repository = destination.repository.clone();
-    let (location, registry_hashes) = client.start_reported_upload(&repository).await?;
+    let (location, registry_hashes) = client.begin_layer(&repository).await?;
     let mut options = options;
     // Without the registry's report, the digest can only come from here.
     options.hash_layer |= !registry_hashes;
@@ -180,7 +181,7 @@ pub async fn push_stream(
     let body = futures::stream::unfold(layer_receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))
     });
-    let (built, sent) = tokio::join!(pipeline, client.upload_stream(&location, body));
+    let (built, sent) = tokio::join!(pipeline, client.send_layer(&location, Box::pin(body)));
     let built = built.map_err(|error| ImportError::Layer(io::Error::other(format!("the pipeline thread failed: {error}"))))?;
     let (facts, layer) = match (built, sent) {
         (Err(error), _) => {
@@ -196,14 +197,14 @@ pub async fn push_stream(
                 cancel(client, &location).await;
                 return Err(ImportError::LayerDigest(reason));
             }
-            client.finish_upload(&location, &layer.digest, Bytes::new()).await?;
+            client.complete_layer(&location, &layer.digest).await?;
             (facts, layer)
         }
     };
     let config = artifact::config(&facts, &layer);
-    client.push_blob(&repository, &config.digest, config.content.clone()).await?;
+    client.store_blob(&repository, &config.digest, config.content.clone()).await?;
     let (media_type, manifest) = artifact::manifest(&config, &layer, compression);
-    client.put_manifest(&repository, &destination.reference, media_type, manifest.content).await?;
+    client.store_manifest(&repository, &destination.reference, media_type, manifest.content).await?;
     tracing::info!(
         destination = %destination,
         format = %facts.format,
@@ -215,8 +216,8 @@ pub async fn push_stream(
     Ok(facts)
 }
 
-async fn cancel(client: &RegistryClient, location: &str) {
-    let _ = client.cancel_upload(location).await;
+async fn cancel(client: &dyn Destination, location: &str) {
+    client.abandon_layer(location).await;
 }
 
 /// The final report of a successful import.

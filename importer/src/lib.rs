@@ -15,6 +15,7 @@ pub mod artifact;
 pub mod channel_io;
 pub mod checksum;
 pub mod container_source;
+pub mod destination;
 pub mod http_source;
 pub mod import;
 pub mod pipeline;

@@ -27,7 +27,7 @@ use crate::import::{push_stream, report};
 use crate::pipeline::PipelineOptions;
 use crate::progress::{Progress, Report};
 use crate::reference::ImageReference;
-use crate::registry_client::RegistryClient;
+use crate::destination::Destination;
 use crate::ImportError;
 
 enum SlotState {
@@ -38,7 +38,7 @@ enum SlotState {
 
 /// One destination that accepts one successful upload.
 pub struct UploadSlot {
-    client: Arc<RegistryClient>,
+    client: Arc<dyn Destination>,
     destination: ImageReference,
     options: PipelineOptions,
     state: Mutex<SlotState>,
@@ -50,7 +50,7 @@ pub struct UploadSlot {
 
 impl UploadSlot {
     /// A slot pushing to `destination` through `client`.
-    pub fn new(client: Arc<RegistryClient>, destination: ImageReference, options: PipelineOptions) -> Self {
+    pub fn new(client: Arc<dyn Destination>, destination: ImageReference, options: PipelineOptions) -> Self {
         UploadSlot {
             client,
             destination,
@@ -114,7 +114,7 @@ impl UploadSlot {
         let mut options = self.options.clone();
         options.file_name = "disk.img".into();
         let outcome = push_stream(
-            &self.client,
+            self.client.as_ref(),
             &self.destination,
             Box::new(ChannelReader::new(receiver)),
             length,
@@ -177,7 +177,7 @@ async fn receive_single(State(slot): State<Arc<UploadSlot>>, headers: HeaderMap,
 
 /// Upload sessions handed out by `dvcr serve`.
 pub struct UploadSessions {
-    client: Arc<RegistryClient>,
+    client: Arc<dyn Destination>,
     host: String,
     options: PipelineOptions,
     /// How long a session waits for its upload, and how long a finished
@@ -187,10 +187,10 @@ pub struct UploadSessions {
 }
 
 impl UploadSessions {
-    /// Sessions pushing to the registry at `host` through `client`, each
+    /// Sessions storing into the registry at `host` through `client`, each
     /// forgotten `lifetime` after it was created unless an upload is under
     /// way then.
-    pub fn new(client: Arc<RegistryClient>, host: String, options: PipelineOptions, lifetime: std::time::Duration) -> Self {
+    pub fn new(client: Arc<dyn Destination>, host: String, options: PipelineOptions, lifetime: std::time::Duration) -> Self {
         UploadSessions {
             client,
             host,

@@ -587,11 +587,33 @@ async fn read_manifest_body(request: Request) -> RegistryResult<Bytes> {
 async fn put_manifest(store: &Store, name: &RepositoryName, reference: &str, request: Request) -> RegistryResult<Response> {
     let reference = Reference::parse(reference)?;
     let query = Query::from_request(&request);
-    let mut tags: Vec<Tag> = query.all("tag").iter().map(|tag| Tag::parse(tag)).collect::<Result<_, _>>()?;
+    let tags: Vec<Tag> = query.all("tag").iter().map(|tag| Tag::parse(tag)).collect::<Result<_, _>>()?;
     let content_type = header_str(request.headers(), header::CONTENT_TYPE).map(str::to_string);
     let content = read_manifest_body(request).await?;
-    let summary = manifest::parse(content_type.as_deref(), &content)?;
-    let digest = match &reference {
+    let (digest, summary) = store_manifest(store, name, &reference, tags, content_type.as_deref(), content).await?;
+    let mut response = empty(StatusCode::CREATED);
+    set(&mut response, "Location", format!("/v2/{name}/manifests/{digest}"));
+    set(&mut response, DOCKER_CONTENT_DIGEST, digest.to_string());
+    if let Some(subject) = &summary.subject {
+        set(&mut response, OCI_SUBJECT, subject.to_string());
+    }
+    Ok(response)
+}
+
+/// What a manifest PUT does once the body is read: checks the manifest
+/// (and its digest, when the reference is one), then stores it under the
+/// reference's tag and `tags`. For the HTTP handler and for callers in the
+/// same process.
+pub async fn store_manifest(
+    store: &Store,
+    name: &RepositoryName,
+    reference: &Reference,
+    mut tags: Vec<Tag>,
+    content_type: Option<&str>,
+    content: Bytes,
+) -> RegistryResult<(Digest, manifest::ManifestSummary)> {
+    let summary = manifest::parse(content_type, &content)?;
+    let digest = match reference {
         Reference::Digest(expected) => {
             let actual = expected.algorithm().digest(&content);
             if &actual != expected {
@@ -607,13 +629,7 @@ async fn put_manifest(store: &Store, name: &RepositoryName, reference: &str, req
         }
     };
     store.put_manifest(name, &tags, &digest, &summary, content).await?;
-    let mut response = empty(StatusCode::CREATED);
-    set(&mut response, "Location", format!("/v2/{name}/manifests/{digest}"));
-    set(&mut response, DOCKER_CONTENT_DIGEST, digest.to_string());
-    if let Some(subject) = &summary.subject {
-        set(&mut response, OCI_SUBJECT, subject.to_string());
-    }
-    Ok(response)
+    Ok((digest, summary))
 }
 
 async fn delete_manifest(store: &Store, name: &RepositoryName, reference: &str) -> RegistryResult<Response> {

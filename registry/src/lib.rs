@@ -55,12 +55,19 @@ pub fn router(driver: Arc<dyn StorageDriver>) -> Router {
 /// The HTTP service of `registry`: the OCI API, `/metrics`, `/healthz` and
 /// `/readyz`.
 pub fn router_for(registry: Arc<Registry>) -> Router {
+    router_with(registry, Router::new())
+}
+
+/// As [`router_for`], with `extra` routes (the upload sessions of the
+/// embedded default) counted and logged as the registry's own requests.
+pub fn router_with(registry: Arc<Registry>, extra: Router) -> Router {
     let metrics = registry.metrics.clone();
     Router::new()
         .route(auth::token_service::TOKEN_PATH, get(auth::token_service::issue))
         .fallback(api::handle)
         .with_state(registry.clone())
         .merge(probes_router(registry))
+        .merge(extra)
         .layer(middleware::from_fn_with_state(metrics, observe::observe))
 }
 
