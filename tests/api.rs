@@ -54,6 +54,11 @@ async fn push_blob(client: &Client, server: &Server, repository: &str, data: &[u
     digest
 }
 
+/// The body of a GET of `path`.
+async fn get_bytes(client: &Client, server: &Server, path: &str) -> bytes::Bytes {
+    client.get(server.url(path)).send().await.unwrap().bytes().await.unwrap()
+}
+
 /// Every blob file in the store, as (digest text, content digest).
 fn stored_blob_files(server: &Server) -> Vec<(String, String)> {
     let stored = StoredView::of(&server.storage);
@@ -322,14 +327,7 @@ async fn chunked_upload_with_status_out_of_order_and_finish() {
     assert_eq!(response.status(), 201);
     assert_eq!(header(&response, "Docker-Content-Digest"), digest);
     assert_eq!(header(&response, "Location"), format!("/v2/vd/ns/disk/blobs/{digest}"));
-    let fetched = client
-        .get(server.url(&format!("/v2/vd/ns/disk/blobs/{digest}")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let fetched = get_bytes(&client, &server, &format!("/v2/vd/ns/disk/blobs/{digest}")).await;
     assert_eq!(fetched, data);
     let response = client.get(server.url(&location)).send().await.unwrap();
     expect_error(response, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
@@ -369,14 +367,7 @@ async fn odd_chunks_are_stored_exactly_around_and_through_the_page_cache() {
             .await
             .unwrap();
         assert_eq!(response.status(), 201, "{extra:?}");
-        let fetched = client
-            .get(server.url(&format!("/v2/vi/ns/odd/blobs/{digest}")))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let fetched = get_bytes(&client, &server, &format!("/v2/vi/ns/odd/blobs/{digest}")).await;
         assert!(fetched == data, "{extra:?}: the blob read back differs");
         assert_eq!(stored_blob_files(&server), vec![(digest.clone(), digest)], "{extra:?}");
     }
