@@ -98,10 +98,11 @@ impl DirectAppender {
                 self.write_buffered(&data[..head])?;
                 data = &data[head..];
             }
-            if is_aligned(data.as_ptr() as usize) && self.size.is_multiple_of(BLOCK as u64) {
-                let whole = data.len() / BLOCK * BLOCK;
-                self.write_direct_from_caller(&data[..whole])?;
-                data = &data[whole..];
+            let whole = data.len() / BLOCK * BLOCK;
+            if whole > 0 && is_aligned(data.as_ptr() as usize) && self.size.is_multiple_of(BLOCK as u64) {
+                // What a refusal or a short write left is staged below.
+                let written = self.write_direct_vectored(&[&data[..whole]])?;
+                data = &data[written..];
             }
         }
         while !data.is_empty() {
@@ -163,37 +164,15 @@ impl DirectAppender {
     }
 
     /// One `pwritev` of aligned chunks at the end of the file; returns the
-    /// bytes written (all of them, unless the device took fewer or the
-    /// file system refused direct I/O, when it is 0).
+    /// bytes written (all of them, unless the device took fewer, or none
+    /// when there is no direct descriptor or the file system refused it).
     fn write_direct_vectored(&mut self, chunks: &[impl AsRef<[u8]>]) -> io::Result<usize> {
-        let Some(direct) = &self.direct else { return Ok(0) };
         let slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|chunk| io::IoSlice::new(chunk.as_ref())).collect();
-        let written = loop {
-            // SAFETY: IoSlice is ABI-compatible with iovec on Unix; the
-            // slices borrow `chunks`, which outlive the call, and the
-            // descriptor is valid for the lifetime of `direct`.
-            let result = unsafe {
-                libc::pwritev(
-                    direct.as_raw_fd(),
-                    slices.as_ptr().cast::<libc::iovec>(),
-                    slices.len() as libc::c_int,
-                    self.size as libc::off_t,
-                )
-            };
-            if result >= 0 {
-                break result as usize;
-            }
-            let error = io::Error::last_os_error();
-            match error.kind() {
-                io::ErrorKind::Interrupted => continue,
-                _ if error.raw_os_error() == Some(libc::EINVAL) => {
-                    self.refuse_direct(&error);
-                    return Ok(0);
-                }
-                _ => return Err(error),
-            }
+        let result = match &self.direct {
+            Some(direct) => pwritev_at(direct, &slices, self.size),
+            None => return Ok(0),
         };
-        self.direct_bytes += written as u64;
+        let written = self.direct_outcome(result)?;
         self.size += written as u64;
         Ok(written)
     }
@@ -217,51 +196,32 @@ impl DirectAppender {
         }
         let at = self.size - staged.len() as u64;
         let whole = staged.len() / BLOCK * BLOCK;
-        let mut done = 0;
-        let mut refused = false;
-        if let Some(direct) = &self.direct {
-            match write_direct(direct, &staged[..whole], at) {
-                Ok(()) => {
-                    self.direct_bytes += whole as u64;
-                    done = whole;
-                }
-                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::debug!(%error, "the file system refused an O_DIRECT write; writing through the page cache");
-                    refused = true;
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        self.buffered.write_all_at(&staged[done..], at + done as u64)?;
-        if refused {
-            self.direct = None;
-        }
+        let result = match (&self.direct, whole) {
+            (Some(direct), 1..) => pwritev_at(direct, &[io::IoSlice::new(&staged[..whole])], at),
+            _ => Ok(0),
+        };
+        let done = self.direct_outcome(result)?;
+        self.buffered.write_all_at(&self.staged.bytes()[done..], at + done as u64)?;
         self.staged.clear();
         Ok(())
     }
 
-    /// Writes aligned caller memory at the (aligned) end of the file.
-    fn write_direct_from_caller(&mut self, data: &[u8]) -> io::Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        if let Some(direct) = &self.direct {
-            match write_direct(direct, data, self.size) {
-                Ok(()) => {
-                    self.direct_bytes += data.len() as u64;
-                    self.size += data.len() as u64;
-                    return Ok(());
-                }
-                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => self.refuse_direct(&error),
-                Err(error) => return Err(error),
+    /// Counts a direct write's bytes; a refusal (`EINVAL`) drops the direct
+    /// descriptor, so that this and every later write go through the page
+    /// cache, and counts as nothing written.
+    fn direct_outcome(&mut self, result: io::Result<usize>) -> io::Result<usize> {
+        match result {
+            Ok(written) => {
+                self.direct_bytes += written as u64;
+                Ok(written)
             }
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(%error, "the file system refused an O_DIRECT write; writing through the page cache");
+                self.direct = None;
+                Ok(0)
+            }
+            Err(error) => Err(error),
         }
-        self.write_buffered(data)
-    }
-
-    fn refuse_direct(&mut self, error: &io::Error) {
-        tracing::debug!(%error, "the file system refused an O_DIRECT write; writing through the page cache");
-        self.direct = None;
     }
 
     fn write_buffered(&mut self, data: &[u8]) -> io::Result<()> {
@@ -279,11 +239,23 @@ fn is_aligned(address: usize) -> bool {
     address.is_multiple_of(BLOCK)
 }
 
-fn write_direct(file: &File, data: &[u8], at: u64) -> io::Result<()> {
-    if data.is_empty() {
-        return Ok(());
+/// One `pwritev` of `slices` at `at`, retried when interrupted.
+fn pwritev_at(file: &File, slices: &[io::IoSlice<'_>], at: u64) -> io::Result<usize> {
+    loop {
+        // SAFETY: IoSlice is ABI-compatible with iovec on Unix; the slices
+        // outlive the call, and the descriptor is valid for the lifetime
+        // of `file`.
+        let result = unsafe {
+            libc::pwritev(file.as_raw_fd(), slices.as_ptr().cast::<libc::iovec>(), slices.len() as libc::c_int, at as libc::off_t)
+        };
+        if result >= 0 {
+            return Ok(result as usize);
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
     }
-    file.write_all_at(data, at)
 }
 
 /// Asks the kernel to start writing a range back to disk without waiting.
