@@ -6,6 +6,9 @@
 #   - the two-step way: download to a file, build the artifact (tar, config,
 #     manifest as an OCI layout) and push it with skopeo;
 #   - an upload of the same file with `curl -T` to a `dvcr serve` session.
+# Also measured, outside the ceiling the issue defines: the registry
+# volume's write speed (`dd oflag=direct conv=fsync` of as many bytes into
+# the storage folder), which every stored byte goes through.
 # Prints each speed, the ratios, and dvcr import's peak RSS.
 #
 #   bench/import.sh [DATA_MIB]      (default 2048: a qcow2 with that much random data)
@@ -49,11 +52,18 @@ best() { printf '%s\n' "$@" | sort -n | tail -1; }
 sha=$(openssl speed -evp sha256 -bytes 16384 -seconds 3 2>/dev/null | awk '/^sha256/ {print $NF}' | tr -d k)
 sha_mbs=$(python3 -c "print(f'{$sha * 1000 / 1e6:.0f}')")
 
-curl_runs=() import_runs=() two_runs=() upload_runs=()
+curl_runs=() disk_runs=() import_runs=() two_runs=() upload_runs=()
 for round in $(seq "$rounds"); do
     sync
     start=$(now); curl -sf -o /dev/null "$url"; end=$(now)
     curl_runs+=("$(speed "$start" "$end")")
+
+    sync
+    start=$(now)
+    dd if=/dev/zero of="$work/registry/disk-probe" bs=16M count=$(( (bytes + (16 << 20) - 1) >> 24 )) oflag=direct conv=fsync status=none
+    end=$(now)
+    rm "$work/registry/disk-probe"
+    disk_runs+=("$(speed "$start" "$end")")
 
     sync
     start=$(now)
@@ -101,12 +111,14 @@ ceiling=$(( curl_best < sha_mbs ? curl_best : sha_mbs ))
 import_best=$(best "${import_runs[@]}")
 two_best=$(best "${two_runs[@]}")
 upload_best=$(best "${upload_runs[@]}")
+disk_best=$(best "${disk_runs[@]}")
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 echo "image: $bytes bytes of qcow2; rounds: $rounds (best kept); MB/s = 10^6 bytes/s"
 echo "curl -o /dev/null:        ${curl_runs[*]} MB/s"
 echo "openssl sha256 (1 core):  $sha_mbs MB/s"
 echo "ceiling:                  $ceiling MB/s"
-echo "dvcr import:              ${import_runs[*]} MB/s  -> $(ratio "$import_best" "$ceiling")x ceiling, $(ratio "$import_best" "$two_best")x two-step"
+echo "volume (dd oflag=direct): ${disk_runs[*]} MB/s"
+echo "dvcr import:              ${import_runs[*]} MB/s  -> $(ratio "$import_best" "$ceiling")x ceiling, $(ratio "$import_best" "$two_best")x two-step, $(ratio "$import_best" "$disk_best")x volume"
 echo "two-step (curl+skopeo):   ${two_runs[*]} MB/s"
-echo "curl -T upload:           ${upload_runs[*]} MB/s  -> $(ratio "$upload_best" "$ceiling")x ceiling, $(ratio "$upload_best" "$two_best")x two-step"
+echo "curl -T upload:           ${upload_runs[*]} MB/s  -> $(ratio "$upload_best" "$ceiling")x ceiling, $(ratio "$upload_best" "$two_best")x two-step, $(ratio "$upload_best" "$disk_best")x volume"
 echo "dvcr import peak RSS:     $((rss_kib / 1024)) MiB"

@@ -1,5 +1,7 @@
-//! Threads for bulk data work (writing an upload to disk, hashing it) at a
-//! lower CPU priority than request handling.
+//! Threads for bulk CPU work (hashing an upload, freeing removed files) at
+//! a lower CPU priority than request handling. Threads that mostly wait
+//! for a disk (the filesystem driver's writers) are not bulk: a late
+//! wake-up costs them the disk's time, not CPU.
 //!
 //! On a busy registry the cores are shared by a few dozen such threads and
 //! the async workers that answer requests. At equal priority a manifest GET

@@ -26,6 +26,7 @@ mod path;
 pub mod s3;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod trash;
 
 use std::time::SystemTime;
 
