@@ -24,8 +24,19 @@ pub fn spawn_bulk<F>(name: &str, work: F) -> std::io::Result<()>
 where
     F: FnOnce() + Send + 'static,
 {
+    spawn(name, true, work)
+}
+
+/// Runs `work` on a new thread named `name`, at the bulk priority when
+/// `bulk`, else at the process's own.
+pub fn spawn<F>(name: &str, bulk: bool, work: F) -> std::io::Result<()>
+where
+    F: FnOnce() + Send + 'static,
+{
     std::thread::Builder::new().name(name.to_string()).spawn(move || {
-        lower_priority();
+        if bulk {
+            lower_priority();
+        }
         work();
     })?;
     Ok(())

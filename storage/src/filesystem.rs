@@ -378,7 +378,7 @@ impl FilesystemWriter {
         // the disk idle. At nice +10 on busy cores every wake-up after a
         // write waited for a slice (`dd oflag=direct bs=16M` at nice 10
         // beside two busy loops: 989 MB/s; at nice 0: 1.4 GB/s).
-        std::thread::Builder::new().name("dvcr-write".into()).spawn(move || {
+        crate::bulk::spawn("dvcr-write", false, move || {
             let _ = report.send(run_writer(appender, receiver));
         })?;
         Ok(FilesystemWriter {
