@@ -88,6 +88,11 @@ impl BufferPool {
         })
     }
 
+    /// The size of this pool's buffers.
+    pub fn buffer_size(&self) -> usize {
+        self.size
+    }
+
     /// An empty buffer; it takes its memory from the pool when first filled.
     pub fn take(self: &Arc<Self>) -> PooledBuffer {
         PooledBuffer {

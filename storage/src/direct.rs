@@ -80,6 +80,12 @@ impl DirectAppender {
         self.size
     }
 
+    /// Whether writes go around the page cache (the file system took
+    /// `O_DIRECT` at open).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
     /// Bytes that went through `O_DIRECT` so far.
     pub fn direct_bytes(&self) -> u64 {
         self.direct_bytes

@@ -366,11 +366,20 @@ struct FilesystemWriter {
     commands: mpsc::Sender<WriterCommand>,
     outcome: oneshot::Receiver<io::Result<u64>>,
     size: u64,
+    chunk_size: usize,
 }
+
+/// Chunks direct writes are best given: the disk took one 16 MiB buffer
+/// per `pwritev` at 1.9-2.0 GB/s and sixteen 1 MiB ones at 1.3-1.9 GB/s
+/// (one writer, `O_DIRECT`, ext4 on this VM). With 4 MiB chunks two runs
+/// of `bench/import.sh` reached 0.61x and 0.62x of its ceiling, against
+/// 0.52-0.59x in four runs with 1 MiB.
+const DIRECT_CHUNK: usize = 4 << 20;
 
 impl FilesystemWriter {
     fn start(path: String, appender: DirectAppender) -> io::Result<Self> {
         let size = appender.size();
+        let chunk_size = if appender.is_direct() { DIRECT_CHUNK } else { 1 << 20 };
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE_CHUNKS);
         let (report, outcome) = oneshot::channel();
         // Normal priority, unlike the hashers (`crate::bulk`): this thread
@@ -386,6 +395,7 @@ impl FilesystemWriter {
             commands,
             outcome,
             size,
+            chunk_size,
         })
     }
 
@@ -475,6 +485,10 @@ impl FileWriter for FilesystemWriter {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn preferred_chunk_size(&self) -> usize {
+        self.chunk_size
     }
 
     async fn close(self: Box<Self>) -> Result<u64> {

@@ -136,6 +136,11 @@ pub trait FileWriter: Send {
     async fn write(&mut self, data: Bytes) -> Result<()>;
     /// Bytes in the file so far, including what was there before an append.
     fn size(&self) -> u64;
+    /// The size of the chunks this writer is best given; the registry
+    /// gathers upload bodies into chunks of this size.
+    fn preferred_chunk_size(&self) -> usize {
+        1 << 20
+    }
     /// Stops writing for now; the file stays, and can be appended to later.
     async fn close(self: Box<Self>) -> Result<u64>;
     /// Finishes the file and makes it durable (fsync, or the end of a
