@@ -299,6 +299,9 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
     let report = runtime
         .block_on(store.collect_garbage(&options))
         .context("garbage collection failed")?;
+    // What was removed is freed before the process ends, so that the
+    // space the report names is free when it exits.
+    runtime.block_on(store.driver().settle());
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

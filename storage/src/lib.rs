@@ -185,6 +185,11 @@ pub trait StorageDriver: Send + Sync + 'static {
     /// Every file (not directory) under `path`, recursively, sorted by path.
     async fn walk(&self, path: &StoragePath) -> Result<Vec<FileInfo>>;
 
+    /// Waits until what was deleted is freed, for drivers that free it in
+    /// the background (the filesystem driver); a process about to exit
+    /// calls it.
+    async fn settle(&self) {}
+
     /// The file at `path` opened for reading, when this driver keeps files
     /// on a local file system: the registry can then hand its pages to a
     /// socket with `sendfile` instead of copying them through memory.

@@ -15,6 +15,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 /// The trash folder's name under the root; the temporary-file prefix keeps
@@ -94,6 +95,7 @@ static FREEING: LazyLock<Option<Mutex<mpsc::Sender<PathBuf>>>> = LazyLock::new(|
     let started = crate::bulk::spawn_bulk("dvcr-trash", move || {
         while let Ok(path) = receiver.recv() {
             free(&path);
+            QUEUED.fetch_sub(1, Ordering::SeqCst);
         }
     });
     match started {
@@ -105,7 +107,11 @@ static FREEING: LazyLock<Option<Mutex<mpsc::Sender<PathBuf>>>> = LazyLock::new(|
     }
 });
 
+/// Paths queued for the freeing thread and not freed yet.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
 fn free_later(path: PathBuf) {
+    QUEUED.fetch_add(1, Ordering::SeqCst);
     let queued = match FREEING.as_ref() {
         Some(queue) => queue
             .lock()
@@ -115,7 +121,17 @@ fn free_later(path: PathBuf) {
         None => Err(path),
     };
     if let Err(path) = queued {
+        QUEUED.fetch_sub(1, Ordering::SeqCst);
         free(&path);
+    }
+}
+
+/// Blocks until everything queued so far in this process is freed: a
+/// process about to exit (`dvcr gc`) gives the space back first, instead
+/// of leaving it to the next start.
+pub(crate) fn wait_until_freed() {
+    while QUEUED.load(Ordering::SeqCst) > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
@@ -160,7 +176,10 @@ fn shrink_unread(path: &Path) {
         return;
     }
     let mut size = metadata.len();
-    while size > 0 {
+    // Someone opening the file meanwhile (a backup tool walking the
+    // volume) breaks the lease: stop, so that their open waits one step,
+    // not the kernel's lease-break time (45 s by default).
+    while size > 0 && lease_held(&file) {
         size = size.saturating_sub(FREE_STEP);
         if file.set_len(size).is_err() {
             break;
@@ -174,12 +193,31 @@ fn shrink_unread(path: &Path) {
 /// descriptor, in any process, has the file open, and while it is held an
 /// open elsewhere waits. File systems without leases (NFS) refuse it, and
 /// the file is then unlinked whole.
+///
+/// A lease break is announced with SIGIO, whose default action ends the
+/// process: the signal is ignored first (nothing else in DVCR uses it).
 #[cfg(target_os = "linux")]
 fn lease_alone(file: &fs::File) -> bool {
     use std::os::fd::AsRawFd;
+    static SIGIO_IGNORED: LazyLock<bool> = LazyLock::new(|| {
+        // SAFETY: sets the disposition of one signal to "ignore"; no
+        // handler code runs.
+        unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) != libc::SIG_ERR }
+    });
+    if !*SIGIO_IGNORED {
+        return false;
+    }
     // SAFETY: fcntl on a descriptor this function borrows, with integer
     // arguments only.
     unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) == 0 }
+}
+
+/// Whether the write lease is still held, not being broken by an open.
+#[cfg(target_os = "linux")]
+fn lease_held(file: &fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: as above.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) == libc::F_WRLCK }
 }
 
 #[cfg(target_os = "linux")]
@@ -196,6 +234,11 @@ fn lease_alone(_file: &fs::File) -> bool {
 
 #[cfg(not(target_os = "linux"))]
 fn release_lease(_file: &fs::File) {}
+
+#[cfg(not(target_os = "linux"))]
+fn lease_held(_file: &fs::File) -> bool {
+    false
+}
 
 #[cfg(test)]
 mod tests {
@@ -274,6 +317,29 @@ mod tests {
         reader.read_exact_at(&mut end, 3 * FREE_STEP - 15).unwrap();
         assert_eq!(&end, b"end of the blob");
         assert_eq!(reader.metadata().unwrap().len(), 3 * FREE_STEP);
+    }
+
+    #[test]
+    fn opening_a_file_being_shrunk_stops_the_shrink_at_once_and_harms_nobody() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("large");
+        let file = fs::File::create(&path).unwrap();
+        file.set_len(4096 * FREE_STEP).unwrap();
+        drop(file);
+        let shrinking = {
+            let path = path.clone();
+            std::thread::spawn(move || shrink_unread(&path))
+        };
+        // 4096 steps take over 8 s; an open meanwhile must not wait for
+        // them, nor for the kernel's lease-break time, nor end the process
+        // with the SIGIO that announces the break.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let opened_at = std::time::Instant::now();
+        let opened = fs::File::open(&path).unwrap();
+        assert!(opened_at.elapsed() < std::time::Duration::from_secs(2), "the open waited {:?}", opened_at.elapsed());
+        shrinking.join().unwrap();
+        let left = opened.metadata().unwrap().len();
+        assert!(left > 0 && left < 4096 * FREE_STEP, "the shrink did not start, or did not stop: {left} bytes left");
     }
 
     #[test]
