@@ -672,7 +672,7 @@ type ChunkPool = std::sync::LazyLock<Arc<dvcr_storage::budget::BufferPool>>;
 /// concurrent pushes with 4 MiB chunks peaked at 278 MiB RSS). At most
 /// half the budget's worth stays idle in a pool, so a quiet registry does
 /// not keep its busiest moment's memory.
-static SMALL_UPLOAD_CHUNKS: ChunkPool = ChunkPool::new(|| chunk_pool(1 << 20));
+static SMALL_UPLOAD_CHUNKS: ChunkPool = ChunkPool::new(|| chunk_pool(dvcr_storage::DEFAULT_CHUNK_SIZE));
 static LARGE_UPLOAD_CHUNKS: ChunkPool = ChunkPool::new(|| chunk_pool(4 << 20));
 
 fn chunk_pool(size: usize) -> Arc<dvcr_storage::budget::BufferPool> {

@@ -383,7 +383,7 @@ const DIRECT_CHUNK: usize = 4 << 20;
 impl FilesystemWriter {
     fn start(path: String, appender: DirectAppender) -> io::Result<Self> {
         let size = appender.size();
-        let chunk_size = if appender.is_direct() { DIRECT_CHUNK } else { 1 << 20 };
+        let chunk_size = if appender.is_direct() { DIRECT_CHUNK } else { crate::DEFAULT_CHUNK_SIZE };
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE_CHUNKS);
         let (report, outcome) = oneshot::channel();
         // Normal priority, unlike the hashers (`crate::bulk`): this thread

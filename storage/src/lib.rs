@@ -125,6 +125,10 @@ pub struct FileInfo {
     pub is_dir: bool,
 }
 
+/// The chunk size writers prefer unless they say otherwise
+/// ([`FileWriter::preferred_chunk_size`]).
+pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
+
 /// A streaming writer to one file.
 ///
 /// Data written is not visible at the path until [`FileWriter::commit`] or
@@ -139,7 +143,7 @@ pub trait FileWriter: Send {
     /// The size of the chunks this writer is best given; the registry
     /// gathers upload bodies into chunks of this size.
     fn preferred_chunk_size(&self) -> usize {
-        1 << 20
+        DEFAULT_CHUNK_SIZE
     }
     /// Stops writing for now; the file stays, and can be appended to later.
     async fn close(self: Box<Self>) -> Result<u64>;
