@@ -75,7 +75,7 @@ impl MemoryBudget {
 pub struct BufferPool {
     size: usize,
     keep: usize,
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<Memory>>,
 }
 
 impl BufferPool {
@@ -96,31 +96,21 @@ impl BufferPool {
     /// An empty buffer; it takes its memory from the pool when first filled.
     pub fn take(self: &Arc<Self>) -> PooledBuffer {
         PooledBuffer {
-            data: Vec::new(),
+            memory: None,
+            length: 0,
             pool: self.clone(),
         }
     }
 
-    /// Memory for one buffer: its first [`page_start`] bytes are padding up
-    /// to a page boundary, where the data begins.
-    fn memory(&self) -> Vec<u8> {
+    fn memory(&self) -> Memory {
         let recycled = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
-        recycled.unwrap_or_else(|| {
-            let mut data = Vec::with_capacity(self.size + PAGE);
-            let padding = page_start(&data);
-            data.resize(padding, 0);
-            data
-        })
+        recycled.unwrap_or_else(|| Memory::new(self.size))
     }
 
-    fn give_back(&self, mut data: Vec<u8>) {
-        if data.capacity() < self.size + PAGE {
-            return;
-        }
-        data.truncate(page_start(&data));
+    fn give_back(&self, memory: Memory) {
         let mut free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if free.len() < self.keep {
-            free.push(data);
+            free.push(memory);
         }
     }
 
@@ -133,74 +123,168 @@ impl BufferPool {
 /// Pooled buffers start on a page boundary: the kernel copies file data
 /// into a misaligned buffer several times slower (measured here: `pread` of
 /// a tmpfs file, 2.2 GB/s into memory 16 bytes past a page boundary, where
-/// `malloc` puts large blocks, against 8-9 GB/s page-aligned).
+/// `malloc` puts large blocks, against 8-9 GB/s page-aligned), and direct
+/// writes need it.
 const PAGE: usize = 4096;
 
-/// Where the page-aligned data of a pool's memory begins.
-fn page_start(data: &[u8]) -> usize {
-    data.as_ptr().align_offset(PAGE).min(PAGE)
+/// A transparent huge page on x86-64 and on arm64 with 4 KiB pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A buffer's memory: an anonymous mapping of its own, so it starts on a
+/// page and reads as zeros until written. Buffers of whole huge pages start
+/// on a huge page and ask the kernel to back them with huge pages
+/// (`MADV_HUGEPAGE`, which matters where transparent huge pages are in
+/// `madvise` mode): a direct write from 4 KiB pages reaches the disk as
+/// ~0.6-1 MiB requests (a request holds at most `max_segments` pieces of
+/// physically contiguous memory, 254 on this VM's virtio disk), from 2 MiB
+/// pages as whole 4 MiB ones. Measured with one writer of 4 MiB
+/// `O_DIRECT` writes here: 1517-1569 MB/s from 4 KiB pages, 2077-2206 MB/s
+/// from huge pages.
+struct Memory {
+    start: std::ptr::NonNull<u8>,
+    length: usize,
+    /// The whole mapping, which `start` lies in.
+    mapping: (std::ptr::NonNull<u8>, usize),
 }
 
-/// The data of a pool's memory, past its padding.
-fn held(data: &[u8]) -> &[u8] {
-    data.get(page_start(data)..).unwrap_or_default()
+// The mapping is owned by this value alone, like a `Vec`'s allocation.
+unsafe impl Send for Memory {}
+unsafe impl Sync for Memory {}
+
+impl Memory {
+    fn new(length: usize) -> Memory {
+        let length = length.max(1);
+        let huge = length.is_multiple_of(HUGE_PAGE);
+        // Room to move the start to a huge page boundary.
+        let mapped = if huge { length + HUGE_PAGE } else { length };
+        // SAFETY: a fresh private anonymous mapping, which nothing else uses.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let Some(base) = std::ptr::NonNull::new(address.cast::<u8>()).filter(|_| address != libc::MAP_FAILED) else {
+            // As a `Vec` would on allocation failure.
+            std::alloc::handle_alloc_error(std::alloc::Layout::from_size_align(length, PAGE).unwrap_or(std::alloc::Layout::new::<u8>()));
+        };
+        let offset = if huge { base.as_ptr().align_offset(HUGE_PAGE) } else { 0 };
+        // SAFETY: `offset + length <= mapped`: the aligned start lies within
+        // the mapping's first huge page.
+        let start = unsafe { base.add(offset) };
+        if huge {
+            // SAFETY: advice on memory of this mapping; it cannot fail in a
+            // way that matters (without huge pages, 4 KiB pages serve).
+            unsafe { libc::madvise(start.as_ptr().cast(), length, libc::MADV_HUGEPAGE) };
+        }
+        Memory {
+            start,
+            length,
+            mapping: (base, mapped),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `length` mapped, readable bytes (zero until written), owned
+        // by `self`.
+        unsafe { std::slice::from_raw_parts(self.start.as_ptr(), self.length) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.start.as_ptr(), self.length) }
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.mapping.0.as_ptr().cast(), self.mapping.1) };
+    }
 }
 
 /// A buffer from a [`BufferPool`], filled up to the pool's size.
 pub struct PooledBuffer {
-    data: Vec<u8>,
+    memory: Option<Memory>,
+    length: usize,
     pool: Arc<BufferPool>,
 }
 
 impl PooledBuffer {
+    /// The memory, taken from the pool at the first use, and the room left
+    /// in it (no more than the pool's size).
+    fn room(&mut self) -> &mut [u8] {
+        let pool = &self.pool;
+        let memory = self.memory.get_or_insert_with(|| pool.memory());
+        let end = pool.size.min(memory.length);
+        memory.as_mut_slice().get_mut(self.length..end).unwrap_or_default()
+    }
+
     /// Appends as much of `bytes` as fits; returns what did not.
     pub fn fill<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
-        if self.data.capacity() == 0 && !bytes.is_empty() {
-            self.data = self.pool.memory();
+        if bytes.is_empty() {
+            return bytes;
         }
-        let room = self.pool.size.saturating_sub(self.len());
-        let (now, later) = bytes.split_at(room.min(bytes.len()));
-        self.data.extend_from_slice(now);
+        let room = self.room();
+        let (now, later) = bytes.split_at(room.len().min(bytes.len()));
+        room[..now.len()].copy_from_slice(now);
+        self.length += now.len();
         later
     }
 
     /// Reads up to `want` bytes (no more than the pool's size) from
-    /// `reader` after what the buffer holds, into memory that is not
-    /// zeroed first; returns how many came (0 at the end of `reader`).
+    /// `reader` after what the buffer holds; returns how many came (fewer
+    /// only at the end of `reader`, 0 there).
     pub fn read_from(&mut self, reader: &mut impl Read, want: usize) -> io::Result<usize> {
-        if self.data.capacity() == 0 {
-            self.data = self.pool.memory();
+        let room = self.room();
+        let want = want.min(room.len());
+        let mut read = 0;
+        while read < want {
+            match reader.read(&mut room[read..want]) {
+                Ok(0) => break,
+                Ok(count) => read += count,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    // What arrived before the error stays, as with `read_to_end`.
+                    self.length += read;
+                    return Err(error);
+                }
+            }
         }
-        let want = want.min(self.pool.size.saturating_sub(self.len()));
-        // `read_to_end` reads into the spare capacity without initializing
-        // it; `take` keeps it from growing the buffer.
-        reader.by_ref().take(want as u64).read_to_end(&mut self.data)
+        self.length += read;
+        Ok(read)
     }
 
     /// Bytes held.
     pub fn len(&self) -> usize {
-        self.bytes().len()
+        self.length
     }
 
     /// Whether it holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.bytes().is_empty()
+        self.length == 0
     }
 
     /// Whether it holds the pool's size.
     pub fn is_full(&self) -> bool {
-        self.len() >= self.pool.size
+        self.length >= self.pool.size
     }
 
     /// The bytes held; they start on a page boundary.
     pub fn bytes(&self) -> &[u8] {
-        held(&self.data)
+        match &self.memory {
+            Some(memory) => memory.as_slice().get(..self.length).unwrap_or_default(),
+            None => &[],
+        }
     }
 
     /// Forgets the bytes held, keeping the memory for the next fill.
     pub fn clear(&mut self) {
-        let start = page_start(&self.data);
-        self.data.truncate(start);
+        self.length = 0;
     }
 
     /// The bytes as a chunk; the buffer goes back to the pool when the
@@ -208,36 +292,48 @@ impl PooledBuffer {
     /// copied out instead, and the buffer goes back at once: a short tail
     /// would otherwise hold a whole buffer for a few bytes.
     pub fn freeze(mut self) -> Bytes {
-        if self.len() < self.pool.size / 4 {
+        if self.length < self.pool.size / 4 {
             return Bytes::copy_from_slice(self.bytes());
         }
-        let data = std::mem::take(&mut self.data);
-        Bytes::from_owner(Recycled { data, pool: self.pool.clone() })
+        match self.memory.take() {
+            Some(memory) => Bytes::from_owner(Recycled {
+                memory: Some(memory),
+                length: self.length,
+                pool: self.pool.clone(),
+            }),
+            None => Bytes::new(),
+        }
     }
 }
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        if self.data.capacity() > 0 {
-            self.pool.give_back(std::mem::take(&mut self.data));
+        if let Some(memory) = self.memory.take() {
+            self.pool.give_back(memory);
         }
     }
 }
 
 struct Recycled {
-    data: Vec<u8>,
+    memory: Option<Memory>,
+    length: usize,
     pool: Arc<BufferPool>,
 }
 
 impl AsRef<[u8]> for Recycled {
     fn as_ref(&self) -> &[u8] {
-        held(&self.data)
+        match &self.memory {
+            Some(memory) => memory.as_slice().get(..self.length).unwrap_or_default(),
+            None => &[],
+        }
     }
 }
 
 impl Drop for Recycled {
     fn drop(&mut self) {
-        self.pool.give_back(std::mem::take(&mut self.data));
+        if let Some(memory) = self.memory.take() {
+            self.pool.give_back(memory);
+        }
     }
 }
 
@@ -313,6 +409,37 @@ mod tests {
         assert_eq!(pool.idle(), 2, "no more idle buffers than asked are kept");
     }
 
+    /// The `VmFlags` line of the mapping of this process that holds `address`.
+    fn mapping_flags(address: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ').filter(|(range, _)| range.contains('-') && !range.ends_with(':')) {
+                let (low, high) = range.split_once('-').unwrap();
+                inside = (usize::from_str_radix(low, 16).unwrap()..usize::from_str_radix(high, 16).unwrap()).contains(&address);
+            } else if inside && line.starts_with("VmFlags:") {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping holds {address:#x}");
+    }
+
+    #[test]
+    fn buffers_of_whole_huge_pages_start_on_one_and_ask_for_huge_pages() {
+        let pool = BufferPool::new(4 << 20, 1);
+        let mut buffer = pool.take();
+        assert!(buffer.fill(&[9u8; 100]).is_empty());
+        let address = buffer.bytes().as_ptr() as usize;
+        assert_eq!(address % HUGE_PAGE, 0);
+        assert!(mapping_flags(address).split_whitespace().any(|flag| flag == "hg"), "MADV_HUGEPAGE given");
+        assert_eq!(buffer.bytes(), &[9u8; 100][..]);
+        let mut small = BufferPool::new(1 << 20, 1).take();
+        small.fill(b"x");
+        let address = small.bytes().as_ptr() as usize;
+        assert_eq!(address % PAGE, 0);
+        assert!(!mapping_flags(address).split_whitespace().any(|flag| flag == "hg"), "not for smaller buffers");
+    }
+
     #[test]
     fn pooled_buffers_read_no_more_than_asked_or_than_fits() {
         let pool = BufferPool::new(8, 2);
@@ -321,7 +448,7 @@ mod tests {
         assert_eq!(buffer.read_from(&mut source, 3).unwrap(), 3);
         assert_eq!(buffer.read_from(&mut source, 100).unwrap(), 5, "only the room left");
         assert!(buffer.is_full());
-        assert_eq!(buffer.data.capacity(), 8 + PAGE, "the buffer never grows");
+        assert_eq!(buffer.memory.as_ref().map(|memory| memory.length), Some(8), "the buffer never grows");
         assert_eq!(&buffer.freeze()[..], b"01234567");
         let mut rest = pool.take();
         assert_eq!(rest.read_from(&mut source, 8).unwrap(), 8);
