@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::image::{self, pseudo_random, write_oci_layout};
 use common::storage::{configure, force_s3, StoredView};
-use common::{free_port, run, sha256_digest, skopeo_copy, Server, DVCR};
+use common::{free_port, push_image, run, sha256_digest, skopeo_copy, Server, DVCR};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 
@@ -73,6 +73,59 @@ async fn a_push_through_one_replica_is_pullable_through_another_at_once() {
         StoredView::of(&storage).incomplete_uploads().is_empty(),
         "every multipart upload was completed"
     );
+}
+
+/// A replica reads a tag together with the manifest it named last time;
+/// that guess must never outlive a change made through another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_moved_or_removed_through_one_replica_is_seen_through_another_at_once() {
+    force_s3();
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("bucket");
+    let (writer, reader) = (Server::start(&storage), Server::start(&storage));
+    let client = Client::new();
+    let images: Vec<_> = (0..3).map(|seed| image::disk_image("disk.img", &pseudo_random(5000, seed))).collect();
+    let read_tag = |server: &Server| {
+        let (client, url) = (client.clone(), server.url("/v2/vi/ns/moving/manifests/latest"));
+        async move {
+            let response = client.get(url).header("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json").send().await.unwrap();
+            let status = response.status();
+            let digest = response.headers().get("Docker-Content-Digest").map(|value| value.to_str().unwrap().to_string());
+            let body = response.bytes().await.unwrap();
+            (status, digest, body)
+        }
+    };
+    for image in &images {
+        push_image(&client, &writer, "vi/ns/moving", "latest", image).await;
+        // Twice through the reader: the second read goes by its guess.
+        for _ in 0..2 {
+            let (status, digest, body) = read_tag(&reader).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(digest.as_deref(), Some(image.digest().as_str()), "the reader sees where the tag points now");
+            assert!(body == image.manifest, "and that manifest's bytes");
+        }
+    }
+    // The tag back on an earlier manifest.
+    push_image(&client, &writer, "vi/ns/moving", "latest", &images[0]).await;
+    assert_eq!(read_tag(&reader).await.1.as_deref(), Some(images[0].digest().as_str()));
+    // The manifest the tag names deleted: the reader's guess is gone too.
+    let deleted = client
+        .delete(writer.url(&format!("/v2/vi/ns/moving/manifests/{}", images[0].digest())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    assert_eq!(read_tag(&reader).await.0, StatusCode::NOT_FOUND);
+    // Pushed again under the tag, and readable by digest as well.
+    push_image(&client, &writer, "vi/ns/moving", "latest", &images[1]).await;
+    assert_eq!(read_tag(&reader).await.1.as_deref(), Some(images[1].digest().as_str()));
+    let by_digest = client
+        .get(reader.url(&format!("/v2/vi/ns/moving/manifests/{}", images[2].digest())))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_digest.status(), StatusCode::OK, "an untagged manifest stays readable by digest");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

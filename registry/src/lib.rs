@@ -13,6 +13,7 @@ pub mod layout;
 pub mod manifest;
 pub mod names;
 pub mod observe;
+pub mod recent;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -37,6 +37,8 @@ pub struct Store {
     uploads: Mutex<HashMap<String, UploadSlot>>,
     /// What the garbage collector shares with requests (see [`crate::gc`]).
     pub(crate) collector: crate::gc::CollectorState,
+    /// What recent manifest reads found (guesses, always confirmed).
+    recent: crate::recent::RecentManifests,
 }
 
 /// Where a body to append to an upload must start, from `Content-Range`.
@@ -50,6 +52,7 @@ impl Store {
             driver,
             uploads: Mutex::new(HashMap::new()),
             collector: crate::gc::CollectorState::default(),
+            recent: crate::recent::RecentManifests::default(),
         }
     }
 
@@ -393,18 +396,55 @@ impl Store {
     }
 
     /// The digest and bytes of the manifest a reference names in `name`.
-    /// The revision link and the content are read at once: on S3 each read
-    /// is a round trip, and a manifest GET under load waits for every one.
+    /// On S3 each read is a round trip, and a manifest GET under load waits
+    /// for every one: reads that do not depend on each other go at once, and
+    /// a tag is read together with the manifest it named last time (see
+    /// [`crate::recent`]).
     pub async fn manifest(
         &self,
         name: &RepositoryName,
         reference: &Reference,
     ) -> RegistryResult<Option<(Digest, Bytes)>> {
-        let Some(digest) = self.named_digest(name, reference).await? else { return Ok(None) };
-        let revision = layout::revision_link(name, &digest)?;
-        let (linked, content) = tokio::try_join!(self.read_link(&revision), self.manifest_content(&digest))?;
+        let tag = match reference {
+            Reference::Digest(digest) => return self.manifest_at(name, digest).await,
+            Reference::Tag(tag) => tag,
+        };
+        let tag_link = layout::tag_current_link(name, tag)?;
+        let named = match self.recent.tag(name, tag) {
+            Some(guess) => {
+                let (named, guessed) = tokio::join!(self.read_link(&tag_link), self.manifest_at(name, &guess));
+                let named = named?;
+                // A failed guess only costs the round trip it was to save.
+                if let (Some(digest), Ok(found)) = (&named, guessed) {
+                    if *digest == guess {
+                        return Ok(found);
+                    }
+                }
+                named
+            }
+            None => self.read_link(&tag_link).await?,
+        };
+        self.recent.note_tag(name, tag, named.as_ref());
+        match named {
+            Some(digest) => self.manifest_at(name, &digest).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The bytes of manifest `digest` if `name` has it: its revision link
+    /// is always read; its content, which never changes, only when not
+    /// read lately.
+    async fn manifest_at(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<Option<(Digest, Bytes)>> {
+        let revision = layout::revision_link(name, digest)?;
+        let (linked, content) = match self.recent.content(digest) {
+            Some(content) => (self.read_link(&revision).await?, Some(content)),
+            None => tokio::try_join!(self.read_link(&revision), self.manifest_content(digest))?,
+        };
         match (linked, content) {
-            (Some(linked), Some(content)) if linked == digest => Ok(Some((digest, content))),
+            (Some(linked), Some(content)) if linked == *digest => {
+                self.recent.note_content(digest, &content);
+                Ok(Some((linked, content)))
+            }
             _ => Ok(None),
         }
     }
