@@ -356,19 +356,11 @@ enum CopyError {
 /// Copies `reader` to its end in writes of `COPY_BUFFER` bytes (the last
 /// one shorter): sources hand over a few KiB per read, and each write costs
 /// the layer's hashers, encoder and channel a call.
-fn copy_all(reader: &mut dyn Read, writer: &mut dyn Write) -> Result<u64, CopyError> {
+fn copy_all(mut reader: &mut dyn Read, writer: &mut dyn Write) -> Result<u64, CopyError> {
     let mut buffer = vec![0u8; COPY_BUFFER];
     let mut total = 0u64;
     loop {
-        let mut filled = 0;
-        while filled < buffer.len() {
-            match reader.read(&mut buffer[filled..]) {
-                Ok(0) => break,
-                Ok(read) => filled += read,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(CopyError::Read(error)),
-            }
-        }
+        let filled = unwrap::read_up_to(&mut reader, &mut buffer).map_err(CopyError::Read)?;
         if filled == 0 {
             return Ok(total);
         }
