@@ -349,8 +349,8 @@ struct StorageArgs {
     #[arg(long, default_value_t = dvcr_storage::s3::DEFAULT_BUFFER_MEMORY_MIB)]
     s3_buffer_memory_mib: usize,
     /// Parts that all uploads together send to S3 at once (one upload sends one at a time).
-    #[arg(long, default_value_t = dvcr_storage::s3::DEFAULT_PARTS_IN_FLIGHT)]
-    s3_parts_in_flight: usize,
+    #[arg(long, default_value_t = dvcr_storage::s3::DEFAULT_PARTS_IN_FLIGHT as u64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    s3_parts_in_flight: u64,
 }
 
 impl StorageArgs {
@@ -384,7 +384,7 @@ impl StorageArgs {
         options.path_style = !self.s3_virtual_hosted;
         options.part_size = self.s3_part_size_mib << 20;
         options.buffer_memory = self.s3_buffer_memory_mib << 20;
-        options.parts_in_flight = self.s3_parts_in_flight;
+        options.parts_in_flight = usize::try_from(self.s3_parts_in_flight).unwrap_or(1);
         if let Some(path) = &self.s3_ca_bundle {
             options.ca_bundle =
                 Some(std::fs::read(path).with_context(|| format!("cannot read the S3 CA bundle {}", path.display()))?);
