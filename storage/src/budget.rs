@@ -291,45 +291,22 @@ impl PooledBuffer {
     /// chunk's last clone is dropped. Less than a quarter of the size is
     /// copied out instead, and the buffer goes back at once: a short tail
     /// would otherwise hold a whole buffer for a few bytes.
-    pub fn freeze(mut self) -> Bytes {
+    pub fn freeze(self) -> Bytes {
         if self.length < self.pool.size / 4 {
             return Bytes::copy_from_slice(self.bytes());
         }
-        match self.memory.take() {
-            Some(memory) => Bytes::from_owner(Recycled {
-                memory: Some(memory),
-                length: self.length,
-                pool: self.pool.clone(),
-            }),
-            None => Bytes::new(),
-        }
+        // The buffer itself owns the chunk's bytes; dropped, it goes back.
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for PooledBuffer {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
     }
 }
 
 impl Drop for PooledBuffer {
-    fn drop(&mut self) {
-        if let Some(memory) = self.memory.take() {
-            self.pool.give_back(memory);
-        }
-    }
-}
-
-struct Recycled {
-    memory: Option<Memory>,
-    length: usize,
-    pool: Arc<BufferPool>,
-}
-
-impl AsRef<[u8]> for Recycled {
-    fn as_ref(&self) -> &[u8] {
-        match &self.memory {
-            Some(memory) => memory.as_slice().get(..self.length).unwrap_or_default(),
-            None => &[],
-        }
-    }
-}
-
-impl Drop for Recycled {
     fn drop(&mut self) {
         if let Some(memory) = self.memory.take() {
             self.pool.give_back(memory);
