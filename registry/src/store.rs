@@ -436,13 +436,16 @@ impl Store {
     /// read lately.
     async fn manifest_at(&self, name: &RepositoryName, digest: &Digest) -> RegistryResult<Option<(Digest, Bytes)>> {
         let revision = layout::revision_link(name, digest)?;
-        let (linked, content) = match self.recent.content(digest) {
-            Some(content) => (self.read_link(&revision).await?, Some(content)),
+        let kept = self.recent.content(digest);
+        let (linked, content) = match &kept {
+            Some(content) => (self.read_link(&revision).await?, Some(content.clone())),
             None => tokio::try_join!(self.read_link(&revision), self.manifest_content(digest))?,
         };
         match (linked, content) {
             (Some(linked), Some(content)) if linked == *digest => {
-                self.recent.note_content(digest, &content);
+                if kept.is_none() {
+                    self.recent.note_content(digest, &content);
+                }
                 Ok(Some((linked, content)))
             }
             _ => Ok(None),
@@ -713,7 +716,7 @@ type ChunkPool = std::sync::LazyLock<Arc<dvcr_storage::budget::BufferPool>>;
 /// half the budget's worth stays idle in a pool, so a quiet registry does
 /// not keep its busiest moment's memory.
 static SMALL_UPLOAD_CHUNKS: ChunkPool = ChunkPool::new(|| chunk_pool(dvcr_storage::DEFAULT_CHUNK_SIZE));
-static LARGE_UPLOAD_CHUNKS: ChunkPool = ChunkPool::new(|| chunk_pool(4 << 20));
+static LARGE_UPLOAD_CHUNKS: ChunkPool = ChunkPool::new(|| chunk_pool(dvcr_storage::DIRECT_CHUNK_SIZE));
 
 fn chunk_pool(size: usize) -> Arc<dvcr_storage::budget::BufferPool> {
     dvcr_storage::budget::BufferPool::new(size, UPLOAD_BUFFER_BUDGET / size / 2)

@@ -373,17 +373,16 @@ struct FilesystemWriter {
     chunk_size: usize,
 }
 
-/// Chunks direct writes are best given: the disk took one 16 MiB buffer
-/// per `pwritev` at 1.9-2.0 GB/s and sixteen 1 MiB ones at 1.3-1.9 GB/s
-/// (one writer, `O_DIRECT`, ext4 on this VM). With 4 MiB chunks two runs
-/// of `bench/import.sh` reached 0.61x and 0.62x of its ceiling, against
-/// 0.52-0.59x in four runs with 1 MiB.
-const DIRECT_CHUNK: usize = 4 << 20;
+// Chunks direct writes are best given (`crate::DIRECT_CHUNK_SIZE`): the
+// disk took one 16 MiB buffer per `pwritev` at 1.9-2.0 GB/s and sixteen
+// 1 MiB ones at 1.3-1.9 GB/s (one writer, `O_DIRECT`, ext4 on this VM).
+// With 4 MiB chunks two runs of `bench/import.sh` reached 0.61x and 0.62x
+// of its ceiling, against 0.52-0.59x in four runs with 1 MiB.
 
 impl FilesystemWriter {
     fn start(path: String, appender: DirectAppender) -> io::Result<Self> {
         let size = appender.size();
-        let chunk_size = if appender.is_direct() { DIRECT_CHUNK } else { crate::DEFAULT_CHUNK_SIZE };
+        let chunk_size = if appender.is_direct() { crate::DIRECT_CHUNK_SIZE } else { crate::DEFAULT_CHUNK_SIZE };
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE_CHUNKS);
         let (report, outcome) = oneshot::channel();
         // Normal priority, unlike the hashers (`crate::bulk`): this thread

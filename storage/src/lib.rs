@@ -129,6 +129,10 @@ pub struct FileInfo {
 /// ([`FileWriter::preferred_chunk_size`]).
 pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
 
+/// The chunk size writers that write around the page cache prefer (see
+/// the filesystem driver's writer).
+pub const DIRECT_CHUNK_SIZE: usize = 4 << 20;
+
 /// A streaming writer to one file.
 ///
 /// Data written is not visible at the path until [`FileWriter::commit`] or
