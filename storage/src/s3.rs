@@ -173,8 +173,10 @@ struct Shared {
     buffers: Arc<Semaphore>,
     /// Turns to send a part.
     sending: Arc<Semaphore>,
-    /// Parts being sent now, and the most ever at once.
-    parts_sending: (AtomicUsize, AtomicUsize),
+    /// Parts being sent now, counted apart from the semaphore.
+    parts_sending_now: AtomicUsize,
+    /// The most parts ever sent at once.
+    parts_sending_peak: AtomicUsize,
 }
 
 /// The S3 driver.
@@ -247,7 +249,8 @@ impl S3Driver {
                 prefix,
                 buffers: Arc::new(Semaphore::new(options.buffer_memory.max(1))),
                 sending: Arc::new(Semaphore::new(options.parts_in_flight.max(1))),
-                parts_sending: Default::default(),
+                parts_sending_now: AtomicUsize::new(0),
+                parts_sending_peak: AtomicUsize::new(0),
                 options,
             }),
         })
@@ -1022,8 +1025,8 @@ impl S3Writer {
             let _room = room;
             // The semaphore is never closed; without a permit the part goes anyway.
             let _turn = shared.sending.clone().acquire_owned().await.ok();
-            let now = shared.parts_sending.0.fetch_add(1, Ordering::Relaxed) + 1;
-            shared.parts_sending.1.fetch_max(now, Ordering::Relaxed);
+            let now = shared.parts_sending_now.fetch_add(1, Ordering::Relaxed) + 1;
+            shared.parts_sending_peak.fetch_max(now, Ordering::Relaxed);
             let sent = shared
                 .client
                 .upload_part()
@@ -1036,7 +1039,7 @@ impl S3Writer {
                 .disable_payload_signing()
                 .send()
                 .await;
-            shared.parts_sending.0.fetch_sub(1, Ordering::Relaxed);
+            shared.parts_sending_now.fetch_sub(1, Ordering::Relaxed);
             let output = sent.map_err(|error| remote(&path, error))?;
             Ok(Part {
                 number,
@@ -1241,8 +1244,8 @@ mod tests {
                 }
             });
             futures::future::join_all(writes).await;
-            let peak = driver.shared.parts_sending.1.load(Ordering::Relaxed);
-            assert_eq!(driver.shared.parts_sending.0.load(Ordering::Relaxed), 0);
+            let peak = driver.shared.parts_sending_peak.load(Ordering::Relaxed);
+            assert_eq!(driver.shared.parts_sending_now.load(Ordering::Relaxed), 0);
             if allowed == 1 {
                 assert_eq!(peak, 1, "one part at a time");
             } else {
