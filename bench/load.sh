@@ -10,9 +10,23 @@
 #
 # Environment: BENCH_DIR (default /var/tmp/dvcr-load), PULLERS (64),
 # PUSHERS (16), DVCR_ENV (a prefix for the dvcr command, e.g.
-# "env MALLOC_ARENA_MAX=4"). Needs about HERD + 16 x PUSH MiB x 3 of disk.
+# "env MALLOC_ARENA_MAX=4"), CONGESTION (see below). Needs about HERD +
+# 16 x PUSH MiB x 3 of disk.
+#
+# Everything talks over loopback with the host's TCP congestion control,
+# printed with the results. Under BBR without an fq qdisc (loopback never
+# has one) the kernel paces every TCP packet with a timer of its own, and
+# in a VM those timers took a third of all CPU in the pull herd, for both
+# registries alike (docs/performance.md). CONGESTION=cubic (or any name
+# the kernel knows) runs the whole bench, both registries and all
+# clients, in a network namespace of its own with that congestion
+# control; the host's setting is not touched. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${CONGESTION:-}" ] && [ -z "${LOAD_BENCH_NAMESPACE:-}" ]; then
+    exec unshare --net env LOAD_BENCH_NAMESPACE=1 bash -c \
+        'ip link set lo up && sysctl -qw net.ipv4.tcp_congestion_control="$CONGESTION" && exec "$0" "$@"' "$0" "$@"
+fi
 
 herd_mib=${1:-1024}
 push_mib=${2:-256}
@@ -52,7 +66,8 @@ done
 python3 - "${results[@]}" <<'PY'
 import json, os, sys
 dvcr, distribution = (json.loads(text) for text in sys.argv[1:3])
-print(f"\nmachine: {os.cpu_count()} cores, {os.uname().release}")
+congestion = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+print(f"\nmachine: {os.cpu_count()} cores, {os.uname().release}; TCP congestion control {congestion}")
 for name, report in (("dvcr", dvcr), ("distribution", distribution)):
     for phase in ("pull", "push"):
         r = report[phase]
