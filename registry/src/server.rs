@@ -48,6 +48,13 @@ pub async fn serve(listener: TcpListener, router: Router, tls: Option<Arc<Server
             },
             () = &mut shutdown => break,
         };
+        // Nagle's algorithm would hold back the end of every response
+        // (and of every `sendfile` that is not whole TCP segments) until
+        // the client acknowledged what went before; see
+        // `zero_copy::whole_tcp_segments` for what that did to a pull herd.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
+        }
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let router = router.clone();
