@@ -15,9 +15,9 @@
 #
 # Everything talks over loopback with the host's TCP congestion control,
 # printed with the results. Under BBR without an fq qdisc (loopback never
-# has one) the kernel paces every TCP packet with a timer of its own, and
-# in a VM those timers took a third of all CPU in the pull herd, for both
-# registries alike (docs/performance.md). CONGESTION=cubic (or any name
+# has one) the kernel paces a TCP packet sent ahead of time with a timer
+# of its own; in a VM arming them took 16% of all CPU in the pull herd
+# (docs/performance.md, 2026-12-08). CONGESTION=cubic (or any name
 # the kernel knows) runs the whole bench, both registries and all
 # clients, in a network namespace of its own with that congestion
 # control; the host's setting is not touched. Needs root.
