@@ -53,7 +53,8 @@ const SEGMENT: usize = 1 << 20;
 /// 6417, 6014-6101, 4909, 5179 MB/s.
 const BUSY_SEGMENT: usize = 128 << 10;
 
-/// `size` rounded down to whole TCP segments of `mss` bytes (at least one).
+/// `size` rounded down to whole TCP segments of `mss` bytes; `size` itself
+/// when it is less than one segment or the MSS is unknown (0).
 ///
 /// A `sendfile` of a length that is not a multiple of the connection's
 /// maximum segment size ends in a runt segment of the remainder (with
@@ -93,6 +94,7 @@ fn maximum_segment_size(stream: &TcpStream) -> usize {
     };
     if outcome == 0 { usize::try_from(mss).unwrap_or(0) } else { 0 }
 }
+
 /// File bodies sending at once above which segments are [`BUSY_SEGMENT`].
 const BUSY_DOWNLOADS: usize = 8;
 
@@ -227,7 +229,10 @@ impl Drop for FileBody {
 }
 
 /// Whether the byte of `file` at `offset` is in the page cache: a
-/// one-byte read that may not wait for a disk (`RWF_NOWAIT`).
+/// one-byte read that may not wait for a disk (`RWF_NOWAIT`). On a miss
+/// the kernel may start reading that page ahead; it does not wait for it.
+/// A file system without `RWF_NOWAIT` answers "not cached" every time,
+/// which only costs a warm-up per window.
 fn is_cached(file: &File, offset: u64) -> bool {
     let mut byte = 0u8;
     let slice = libc::iovec {
