@@ -42,6 +42,14 @@ need_tools curl openssl python3
 cargo build --release --locked --quiet
 
 fresh_work "$work"
+# Short of space a registry answers pushes with errors and the figures mean
+# nothing (Distribution failed all 16 pushes with 12 GB free): say so first.
+need_mib=$((herd_mib + pushers * push_mib * 3))
+free_mib=$(df --output=avail -m "$work" | tail -1 | tr -d ' ')
+if [ "$free_mib" -lt "$need_mib" ]; then
+    echo "bench/load.sh needs about $need_mib MiB free under $work, has $free_mib" >&2
+    exit 1
+fi
 mkdir -p "$work/blobs"
 
 make_blob() {
@@ -77,5 +85,7 @@ for name, report in (("dvcr", dvcr), ("distribution", distribution)):
               f"server CPU {r.get('server_cpu_s')} s, {r.get('server_cpu_s_per_gib')} s per GiB moved")
     print(f"  {name:12} peak RSS {report.get('peak_rss_mib')} MiB (pull {report['pull'].get('peak_rss_mib')}, push {report['push'].get('peak_rss_mib')})")
 for phase in ("pull", "push"):
-    print(f"{phase} ratio dvcr/distribution: {dvcr[phase]['aggregate_mb_s'] / distribution[phase]['aggregate_mb_s']:.2f}x")
+    ours, theirs = dvcr[phase]["aggregate_mb_s"], distribution[phase]["aggregate_mb_s"]
+    ratio = f"{ours / theirs:.2f}x" if theirs else "none (Distribution moved nothing; see its errors above)"
+    print(f"{phase} ratio dvcr/distribution: {ratio}")
 PY
