@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::image::{self, pseudo_random, Image};
 use common::storage::{configure, StoredView};
-use common::{free_port, metric, push_image, put_manifest, run, sha256_digest, Server, DVCR};
+use common::{free_port, get_manifest, metric, push_image, put_manifest, run, sha256_digest, Server, DVCR};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
@@ -33,12 +33,7 @@ fn small_image(seed: u64, label: &str) -> Image {
 
 /// Pulls `repository:tag` and checks that every blob hashes to its digest.
 async fn verify(client: &Client, server: &Server, repository: &str, tag: &str) -> Result<(), String> {
-    let response = client
-        .get(server.url(&format!("/v2/{repository}/manifests/{tag}")))
-        .header("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json")
-        .send()
-        .await
-        .map_err(|error| error.to_string())?;
+    let response = get_manifest(client, server, repository, tag).await.map_err(|error| error.to_string())?;
     if response.status() != StatusCode::OK {
         return Err(format!("{repository}:{tag}: manifest answered {}", response.status()));
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::image::{self, pseudo_random, write_oci_layout};
 use common::storage::{configure, force_s3, StoredView};
-use common::{free_port, push_image, run, sha256_digest, skopeo_copy, Server, DVCR};
+use common::{free_port, get_manifest, push_image, run, sha256_digest, skopeo_copy, Server, DVCR};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 
@@ -85,21 +85,17 @@ async fn a_tag_moved_or_removed_through_one_replica_is_seen_through_another_at_o
     let (writer, reader) = (Server::start(&storage), Server::start(&storage));
     let client = Client::new();
     let images: Vec<_> = (0..3).map(|seed| image::disk_image("disk.img", &pseudo_random(5000, seed))).collect();
-    let read_tag = |server: &Server| {
-        let (client, url) = (client.clone(), server.url("/v2/vi/ns/moving/manifests/latest"));
-        async move {
-            let response = client.get(url).header("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json").send().await.unwrap();
-            let status = response.status();
-            let digest = response.headers().get("Docker-Content-Digest").map(|value| value.to_str().unwrap().to_string());
-            let body = response.bytes().await.unwrap();
-            (status, digest, body)
-        }
-    };
+    async fn read_tag(client: &Client, server: &Server) -> (StatusCode, Option<String>, bytes::Bytes) {
+        let response = get_manifest(client, server, "vi/ns/moving", "latest").await.unwrap();
+        let status = response.status();
+        let digest = response.headers().get("Docker-Content-Digest").map(|value| value.to_str().unwrap().to_string());
+        (status, digest, response.bytes().await.unwrap())
+    }
     for image in &images {
         push_image(&client, &writer, "vi/ns/moving", "latest", image).await;
         // Twice through the reader: the second read goes by its guess.
         for _ in 0..2 {
-            let (status, digest, body) = read_tag(&reader).await;
+            let (status, digest, body) = read_tag(&client, &reader).await;
             assert_eq!(status, StatusCode::OK);
             assert_eq!(digest.as_deref(), Some(image.digest().as_str()), "the reader sees where the tag points now");
             assert!(body == image.manifest, "and that manifest's bytes");
@@ -107,7 +103,7 @@ async fn a_tag_moved_or_removed_through_one_replica_is_seen_through_another_at_o
     }
     // The tag back on an earlier manifest.
     push_image(&client, &writer, "vi/ns/moving", "latest", &images[0]).await;
-    assert_eq!(read_tag(&reader).await.1.as_deref(), Some(images[0].digest().as_str()));
+    assert_eq!(read_tag(&client, &reader).await.1.as_deref(), Some(images[0].digest().as_str()));
     // The manifest the tag names deleted: the reader's guess is gone too.
     let deleted = client
         .delete(writer.url(&format!("/v2/vi/ns/moving/manifests/{}", images[0].digest())))
@@ -115,16 +111,11 @@ async fn a_tag_moved_or_removed_through_one_replica_is_seen_through_another_at_o
         .await
         .unwrap();
     assert_eq!(deleted.status(), StatusCode::ACCEPTED);
-    assert_eq!(read_tag(&reader).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(read_tag(&client, &reader).await.0, StatusCode::NOT_FOUND);
     // Pushed again under the tag, and readable by digest as well.
     push_image(&client, &writer, "vi/ns/moving", "latest", &images[1]).await;
-    assert_eq!(read_tag(&reader).await.1.as_deref(), Some(images[1].digest().as_str()));
-    let by_digest = client
-        .get(reader.url(&format!("/v2/vi/ns/moving/manifests/{}", images[2].digest())))
-        .header("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json")
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(read_tag(&client, &reader).await.1.as_deref(), Some(images[1].digest().as_str()));
+    let by_digest = get_manifest(&client, &reader, "vi/ns/moving", &images[2].digest()).await.unwrap();
     assert_eq!(by_digest.status(), StatusCode::OK, "an untagged manifest stays readable by digest");
 }
 

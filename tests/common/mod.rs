@@ -251,6 +251,23 @@ pub async fn push_image(client: &reqwest::Client, server: &Server, repository: &
     assert_eq!(response.status(), 201, "manifest push: {:?}", response.text().await);
 }
 
+/// The manifest types a test GET accepts: OCI's and Docker's.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// GETs the manifest `reference` (a tag or a digest) of `repository`.
+pub async fn get_manifest(
+    client: &reqwest::Client,
+    server: &Server,
+    repository: &str,
+    reference: &str,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .get(server.url(&format!("/v2/{repository}/manifests/{reference}")))
+        .header("Accept", MANIFEST_ACCEPT)
+        .send()
+        .await
+}
+
 /// PUTs the manifest of `image` as `repository:tag`.
 pub async fn put_manifest(
     client: &reqwest::Client,
