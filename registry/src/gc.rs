@@ -56,18 +56,18 @@ impl CollectorState {
     /// in this process, so a registry without one keeps no notes).
     pub(crate) fn note_reference(&self, digest: &Digest) {
         if self.tracking.load(Ordering::Relaxed) {
-            let mut references = self.references.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut references = crate::lock(&self.references);
             references.insert(digest.clone(), Instant::now());
         }
     }
 
     fn referenced_since(&self, digest: &Digest, since: Instant) -> bool {
-        let references = self.references.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let references = crate::lock(&self.references);
         references.get(digest).is_some_and(|noted| *noted >= since)
     }
 
     fn forget_older_than(&self, since: Instant) {
-        let mut references = self.references.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut references = crate::lock(&self.references);
         references.retain(|_, noted| *noted >= since);
     }
 }

@@ -27,6 +27,12 @@ use dvcr_storage::StorageDriver;
 
 pub use store::Store;
 
+/// The guard of `mutex`, also after a thread panicked holding it: what the
+/// registry keeps under its locks (queues, caches, counts) stays usable.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// What the HTTP handlers share.
 pub struct Registry {
     /// The registry model over the storage driver.

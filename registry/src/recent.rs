@@ -17,6 +17,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
+use crate::lock;
 use crate::names::{Digest, RepositoryName, Tag};
 
 /// Tags remembered; past this the oldest are forgotten.
@@ -64,10 +65,6 @@ impl RecentManifests {
             lock(&self.contents).insert(digest.clone(), Bytes::copy_from_slice(content), content.len(), CONTENT_BYTES_KEPT);
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A map that forgets its oldest entries beyond a total weight.

@@ -156,14 +156,14 @@ impl Store {
 
     fn upload_slot(&self, name: &RepositoryName, id: &str) -> UploadSlot {
         let key = format!("{name}/{id}");
-        let mut uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut uploads = crate::lock(&self.uploads);
         uploads.entry(key).or_default().clone()
     }
 
     /// Whether a request of this process is receiving data for an upload
     /// in repository `name` (for upload `id` only, when given).
     pub(crate) fn upload_busy(&self, name: &str, id: Option<&str>) -> bool {
-        let uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let uploads = crate::lock(&self.uploads);
         uploads.iter().any(|(key, slot)| {
             let matches = match key.rsplit_once('/') {
                 Some((repository, upload)) => repository == name && id.is_none_or(|id| id == upload),
@@ -175,13 +175,13 @@ impl Store {
 
     /// Drops what this process remembers of an upload the collector removed.
     pub(crate) fn forget_upload_of(&self, name: &str, id: &str) {
-        let mut uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut uploads = crate::lock(&self.uploads);
         uploads.remove(&format!("{name}/{id}"));
     }
 
     fn forget_upload(&self, name: &RepositoryName, id: &str) {
         let key = format!("{name}/{id}");
-        let mut uploads = self.uploads.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut uploads = crate::lock(&self.uploads);
         uploads.remove(&key);
     }
 

@@ -38,6 +38,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::lock;
+
 /// Largest placeholder chunk: one segment of a file per body chunk.
 const SEGMENT: usize = 1 << 20;
 /// The segment while many downloads run at once. A download's turn on a
@@ -123,10 +125,6 @@ struct Segment {
 }
 
 type Segments = Arc<Mutex<VecDeque<Segment>>>;
-
-fn lock(segments: &Segments) -> std::sync::MutexGuard<'_, VecDeque<Segment>> {
-    segments.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// A connection's way to send files: handed to request handlers as a
 /// request extension by connections that can take it.
