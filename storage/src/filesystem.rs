@@ -373,12 +373,6 @@ struct FilesystemWriter {
     chunk_size: usize,
 }
 
-// Chunks direct writes are best given (`crate::DIRECT_CHUNK_SIZE`): the
-// disk took one 16 MiB buffer per `pwritev` at 1.9-2.0 GB/s and sixteen
-// 1 MiB ones at 1.3-1.9 GB/s (one writer, `O_DIRECT`, ext4 on this VM).
-// With 4 MiB chunks two runs of `bench/import.sh` reached 0.61x and 0.62x
-// of its ceiling, against 0.52-0.59x in four runs with 1 MiB.
-
 impl FilesystemWriter {
     fn start(path: String, appender: DirectAppender) -> io::Result<Self> {
         let size = appender.size();
